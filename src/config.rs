@@ -58,6 +58,8 @@ pub struct Config {
     pub activity_timeout: u64,
     pub max_connections: u64,
     pub redis_url: String,
+    /// PHP CLI binary that runs the spawned hub; "" = found next to PHP_BINDIR.
+    pub php_binary: String,
 }
 
 impl Config {

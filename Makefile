@@ -1,0 +1,53 @@
+# upload_progress: see README.md. `make test` and `make demo` install what they need.
+SHELL := /bin/bash
+CARGO ?= cargo
+PHP ?= php8.2
+SO := target/release/libupload_progress.so
+export UPLOAD_PROGRESS_EXT := $(CURDIR)/$(SO)
+
+DEMO_DIR ?= $(CURDIR)/.demo
+DEMO_PORT ?= 8080
+HUB_PORT ?= 6001
+export DEMO_DIR DEMO_PORT HUB_PORT
+
+.PHONY: deps build test install stubs stubs-check bench demo demo-up demo-down soak clean
+
+deps:
+	@tools/deps.sh test
+
+build:
+	@tools/deps.sh build
+	$(CARGO) build --release --quiet
+
+test: deps build
+	@tools/test-all.sh
+
+install: build
+	install -m 0644 $(SO) "$$(php-config --extension-dir)/upload_progress.so"
+	echo "extension=upload_progress" > /etc/php/8.2/mods-available/upload_progress.ini
+	for sapi in cli fpm; do ln -sf /etc/php/8.2/mods-available/upload_progress.ini /etc/php/8.2/$$sapi/conf.d/20-upload_progress.ini; done
+
+stubs: build
+	$(CARGO) php stubs --stdout > stubs/upload_progress.stub.php
+
+stubs-check: build
+	@$(CARGO) php stubs --stdout | diff -u stubs/upload_progress.stub.php - && echo "stubs: current"
+
+bench: build
+	@tools/deps.sh bench
+	@tools/bench.sh
+
+demo: build
+	@tools/deps.sh demo
+	python3 tools/stack.py run --dir "$(DEMO_DIR)" --ext "$(UPLOAD_PROGRESS_EXT)"
+
+demo-up: build
+	@tools/deps.sh demo
+	python3 tools/stack.py up --dir "$(DEMO_DIR)" --ext "$(UPLOAD_PROGRESS_EXT)"
+
+demo-down:
+	python3 tools/stack.py down --dir "$(DEMO_DIR)"
+
+clean:
+	$(CARGO) clean
+	rm -rf build .demo

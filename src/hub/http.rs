@@ -1,0 +1,639 @@
+//! The hub's TCP port: the HTTP request head is read by hand (httparse), then
+//! routed to the WebSocket upgrade (`/app/{key}`), the Pusher events API
+//! (`POST /apps/{id}/events`, `/batch_events`), `/health` or `/metrics`.
+//! Plain HTTP responses are `Connection: close`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use md5::{Digest, Md5};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::WebSocketStream;
+
+use super::state::{data_seq, Ctx};
+use super::{lock, log, ws, Hub, Metrics};
+use crate::protocol::pusher;
+
+/// Largest request head accepted.
+const MAX_HEAD: usize = 8 * 1024;
+/// Largest request body of the events API (a batch of 10 events of 10 KiB).
+const MAX_BODY: usize = 128 * 1024;
+/// Largest `data` of one event.
+pub(crate) const MAX_EVENT_DATA: usize = 10 * 1024;
+/// Most channels one event may go to, and most events in one batch.
+const MAX_EVENT_CHANNELS: usize = 100;
+const MAX_BATCH: usize = 10;
+/// Accepted clock skew of `auth_timestamp`.
+const MAX_SKEW_S: i64 = 600;
+
+pub(crate) async fn accept_loop(
+    hub: Arc<Hub>,
+    listener: TcpListener,
+    mut down: watch::Receiver<bool>,
+) {
+    let mut last_log: Option<Instant> = None;
+    loop {
+        let r = tokio::select! {
+            _ = down.changed() => return,
+            r = listener.accept() => r,
+        };
+        match r {
+            Ok((s, _)) => {
+                let _ = s.set_nodelay(true);
+                tokio::spawn(handle(hub.clone(), s));
+            }
+            Err(e) => {
+                // EMFILE/ENFILE/ENOBUFS/ENOMEM: the pending connection stays in the
+                // backlog; retrying at once would spin, so pause a little.
+                let resource = matches!(
+                    e.raw_os_error(),
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                );
+                if last_log.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                    log(format_args!("accept failed: {e}"));
+                    last_log = Some(Instant::now());
+                }
+                let pause = Duration::from_millis(if resource { 100 } else { 5 });
+                tokio::select! {
+                    _ = down.changed() => return,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+            }
+        }
+    }
+}
+
+/// The parts of a request head the hub uses.
+#[derive(Debug, Default)]
+pub(crate) struct Request {
+    method: String,
+    path: String,
+    query: String,
+    upgrade_ws: bool,
+    ws_key: Option<String>,
+    ws_version: Option<String>,
+    origin: Option<String>,
+    content_length: Option<usize>,
+    chunked: bool,
+    /// Bytes read past the head (start of the body or of the first frames).
+    rest: Vec<u8>,
+}
+
+enum HeadError {
+    Closed,
+    TooLarge,
+    Bad(String),
+}
+
+fn parse_head(buf: &[u8]) -> Result<Option<Request>, String> {
+    let mut headers = [httparse::EMPTY_HEADER; 48];
+    let mut req = httparse::Request::new(&mut headers);
+    let n = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(format!("malformed request: {e}")),
+    };
+    let target = req.path.unwrap_or("/");
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let mut r = Request {
+        method: req.method.unwrap_or("").to_string(),
+        path: path.to_string(),
+        query: query.to_string(),
+        rest: buf[n..].to_vec(),
+        ..Request::default()
+    };
+    for h in req.headers.iter() {
+        let v = String::from_utf8_lossy(h.value).trim().to_string();
+        let name = h.name;
+        if name.eq_ignore_ascii_case("upgrade") {
+            r.upgrade_ws = v.to_ascii_lowercase().contains("websocket");
+        } else if name.eq_ignore_ascii_case("sec-websocket-key") {
+            r.ws_key = Some(v);
+        } else if name.eq_ignore_ascii_case("sec-websocket-version") {
+            r.ws_version = Some(v);
+        } else if name.eq_ignore_ascii_case("origin") {
+            r.origin = Some(v);
+        } else if name.eq_ignore_ascii_case("content-length") {
+            r.content_length = Some(
+                v.parse()
+                    .map_err(|_| format!("invalid Content-Length {v:?}"))?,
+            );
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            r.chunked = v.to_ascii_lowercase().contains("chunked");
+        }
+    }
+    Ok(Some(r))
+}
+
+async fn read_head(s: &mut TcpStream) -> Result<Request, HeadError> {
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        if buf.len() >= MAX_HEAD {
+            return Err(HeadError::TooLarge);
+        }
+        let len = buf.len();
+        buf.resize((len + 2048).min(MAX_HEAD), 0);
+        let n = match s.read(&mut buf[len..]).await {
+            Ok(0) | Err(_) => return Err(HeadError::Closed),
+            Ok(n) => n,
+        };
+        buf.truncate(len + n);
+        match parse_head(&buf) {
+            Ok(Some(r)) => return Ok(r),
+            Ok(None) => {}
+            Err(e) => return Err(HeadError::Bad(e)),
+        }
+    }
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        411 => "Length Required",
+        413 => "Payload Too Large",
+        426 => "Upgrade Required",
+        431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
+        _ => "Error",
+    }
+}
+
+fn error_body(message: &str) -> String {
+    serde_json::json!({ "error": message }).to_string()
+}
+
+/// Writes a complete `Connection: close` response, then lets the peer read it.
+async fn respond(s: &mut TcpStream, status: u16, ctype: &str, extra: &str, body: &str) {
+    let msg = format!(
+        "HTTP/1.1 {status} {}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n{extra}\r\n{body}",
+        reason(status),
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        s.write_all(msg.as_bytes()).await?;
+        s.shutdown().await
+    })
+    .await;
+    // Drain what the client still sends (an unread body would turn our close
+    // into a reset that can destroy the response), briefly and boundedly.
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let mut sink = [0u8; 1024];
+        let mut total = 0usize;
+        while total < 1 << 20 {
+            match s.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+    })
+    .await;
+}
+
+async fn respond_json(s: &mut TcpStream, status: u16, body: &str) {
+    respond(s, status, "application/json", "", body).await;
+}
+
+async fn handle(hub: Arc<Hub>, mut s: TcpStream) {
+    let deadline = tokio::time::Instant::now() + hub.tun.handshake_timeout;
+    let req = match tokio::time::timeout_at(deadline, read_head(&mut s)).await {
+        Err(_) => {
+            respond_json(&mut s, 408, &error_body("request head not received in time")).await;
+            return;
+        }
+        Ok(Err(HeadError::Closed)) => return,
+        Ok(Err(HeadError::TooLarge)) => {
+            let msg = format!("request head larger than {MAX_HEAD} bytes");
+            respond_json(&mut s, 431, &error_body(&msg)).await;
+            return;
+        }
+        Ok(Err(HeadError::Bad(m))) => {
+            respond_json(&mut s, 400, &error_body(&m)).await;
+            return;
+        }
+        Ok(Ok(r)) => r,
+    };
+    if let Some(key) = req.path.strip_prefix("/app/") {
+        let key = key.trim_end_matches('/').to_string();
+        websocket(hub, s, req, key).await;
+        return;
+    }
+    match (req.method.as_str(), req.path.as_str()) {
+        ("GET" | "HEAD", "/health") => {
+            let body = serde_json::json!({
+                "status": "ok",
+                "version": hub.version,
+                "connections": Metrics::get(&hub.m.connections),
+                "uptime_s": hub.uptime_s(),
+            })
+            .to_string();
+            respond_json(&mut s, 200, &body).await;
+        }
+        ("GET", "/metrics") => {
+            let body = metrics_text(&hub);
+            respond(
+                &mut s,
+                200,
+                "text/plain; version=0.0.4; charset=utf-8",
+                "",
+                &body,
+            )
+            .await;
+        }
+        (method, path) if path.starts_with("/apps/") => {
+            let (status, body) = if method == "POST" {
+                events_api(&hub, &mut s, &req, deadline).await
+            } else {
+                (405, error_body("only POST is supported on /apps/"))
+            };
+            respond_json(&mut s, status, &body).await;
+        }
+        _ => respond_json(&mut s, 404, &error_body("not found")).await,
+    }
+}
+
+fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+    query
+        .split('&')
+        .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+async fn websocket(hub: Arc<Hub>, mut s: TcpStream, req: Request, key: String) {
+    if req.method != "GET" || !req.upgrade_ws || req.ws_key.is_none() {
+        respond(
+            &mut s,
+            426,
+            "application/json",
+            "Upgrade: websocket\r\n",
+            &error_body("WebSocket upgrade expected"),
+        )
+        .await;
+        return;
+    }
+    if req.ws_version.as_deref() != Some("13") {
+        respond(
+            &mut s,
+            426,
+            "application/json",
+            "Sec-WebSocket-Version: 13\r\n",
+            &error_body("only WebSocket version 13 is supported"),
+        )
+        .await;
+        return;
+    }
+    if !hub.cfg.origin_allowed(req.origin.as_deref()) {
+        let msg = format!(
+            "origin {:?} is not allowed",
+            req.origin.as_deref().unwrap_or("")
+        );
+        respond_json(&mut s, 403, &error_body(&msg)).await;
+        return;
+    }
+    let accept = derive_accept_key(req.ws_key.as_deref().unwrap_or("").as_bytes());
+    let head = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+    );
+    match tokio::time::timeout(Duration::from_secs(5), s.write_all(head.as_bytes())).await {
+        Ok(Ok(())) => {}
+        _ => return,
+    }
+    let cfg = Some(ws::ws_config());
+    let protocol = query_param(&req.query, "protocol").map(|p| p.parse::<u32>().unwrap_or(0));
+    let Request { rest, .. } = req;
+    let stream = if rest.is_empty() {
+        WebSocketStream::from_raw_socket(s, Role::Server, cfg).await
+    } else {
+        WebSocketStream::from_partially_read(s, rest, Role::Server, cfg).await
+    };
+    if key != hub.cfg.app_key {
+        let msg = format!("App key {key:?} does not exist on this hub");
+        tokio::spawn(ws::reject(stream, 4001, msg));
+        return;
+    }
+    if let Some(p) = protocol {
+        if !(5..=7).contains(&p) {
+            let msg = format!("Unsupported protocol version {p}: 7 is expected");
+            tokio::spawn(ws::reject(stream, 4007, msg));
+            return;
+        }
+    }
+    match ws::register(&hub) {
+        Some(conn) => {
+            tokio::spawn(ws::session(hub, stream, conn));
+        }
+        None => {
+            tokio::spawn(ws::reject(
+                stream,
+                4100,
+                "Over capacity: too many connections".to_string(),
+            ));
+        }
+    }
+}
+
+// ------------------------------------------------------------------ events API
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex_val(b[i + 1]), hex_val(b[i + 2])) {
+                out.push(h * 16 + l);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn hex_val(c: u8) -> Option<u8> {
+    (c as char).to_digit(16).map(|d| d as u8)
+}
+
+/// Checks Pusher request signing; Err is the 401 message.
+pub(crate) fn check_signature(
+    hub: &Hub,
+    method: &str,
+    path: &str,
+    query: &str,
+    body: &[u8],
+    now_s: i64,
+) -> Result<(), String> {
+    let mut params: Vec<(String, String)> = query
+        .split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (percent_decode(k).to_ascii_lowercase(), percent_decode(v))
+        })
+        .collect();
+    let get = |name: &str| {
+        params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    let Some(signature) = get("auth_signature") else {
+        return Err("missing auth_signature".into());
+    };
+    if get("auth_key").as_deref() != Some(hub.cfg.app_key.as_str()) {
+        return Err("unknown or missing auth_key".into());
+    }
+    if get("auth_version").as_deref() != Some("1.0") {
+        return Err("auth_version must be 1.0".into());
+    }
+    let ts: i64 = get("auth_timestamp")
+        .and_then(|t| t.parse().ok())
+        .ok_or("missing or invalid auth_timestamp")?;
+    if (now_s - ts).abs() > MAX_SKEW_S {
+        return Err(format!(
+            "timestamp expired: auth_timestamp {ts} is more than {MAX_SKEW_S} s from the server time {now_s}"
+        ));
+    }
+    if !body.is_empty() || get("body_md5").is_some() {
+        let md5 = hex::encode(Md5::digest(body));
+        if get("body_md5").as_deref() != Some(md5.as_str()) {
+            return Err("body_md5 does not match the body".into());
+        }
+    }
+    params.retain(|(k, _)| k != "auth_signature");
+    params.sort();
+    let q: Vec<String> = params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let to_sign = format!("{method}\n{path}\n{}", q.join("&"));
+    if pusher::verify(&hub.cfg.app_secret, &to_sign, &signature) {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid signature: expected the HMAC-SHA256 hex of {to_sign:?} keyed by the app secret"
+        ))
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct ApiEvent {
+    name: Option<String>,
+    data: Option<serde_json::Value>,
+    channels: Option<Vec<String>>,
+    channel: Option<String>,
+    socket_id: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+struct ApiBatch {
+    batch: Vec<ApiEvent>,
+}
+
+struct Checked {
+    name: String,
+    channels: Vec<String>,
+    data: String,
+    exclude: Option<(u64, u32)>,
+}
+
+fn check_event(e: ApiEvent) -> Result<Checked, (u16, String)> {
+    let name = e.name.ok_or((400, "missing event name".to_string()))?;
+    pusher::validate_event(&name).map_err(|m| (400, m))?;
+    let mut channels = e.channels.unwrap_or_default();
+    if let Some(c) = e.channel {
+        channels.push(c);
+    }
+    if channels.is_empty() {
+        return Err((400, "missing channels".into()));
+    }
+    if channels.len() > MAX_EVENT_CHANNELS {
+        return Err((
+            400,
+            format!("{} channels: at most {MAX_EVENT_CHANNELS} per event", channels.len()),
+        ));
+    }
+    for c in &channels {
+        pusher::validate_channel(c).map_err(|m| (400, m))?;
+    }
+    let data = match e.data {
+        Some(serde_json::Value::String(s)) => s,
+        Some(v) => v.to_string(),
+        None => String::new(),
+    };
+    if data.len() > MAX_EVENT_DATA {
+        return Err((
+            413,
+            format!("event data of {} bytes: at most {MAX_EVENT_DATA}", data.len()),
+        ));
+    }
+    let exclude = match e.socket_id {
+        Some(sid) => {
+            pusher::validate_socket_id(&sid).map_err(|m| (400, m))?;
+            let (a, b) = sid.split_once('.').unwrap_or(("", ""));
+            match (a.parse::<u64>(), b.parse::<u32>()) {
+                (Ok(a), Ok(b)) => Some((a, b)),
+                _ => None,
+            }
+        }
+        None => None,
+    };
+    Ok(Checked {
+        name,
+        channels,
+        data,
+        exclude,
+    })
+}
+
+async fn events_api(
+    hub: &Hub,
+    s: &mut TcpStream,
+    req: &Request,
+    deadline: tokio::time::Instant,
+) -> (u16, String) {
+    let rest = req.path.strip_prefix("/apps/").unwrap_or("");
+    let (app_id, tail) = rest.split_once('/').unwrap_or((rest, ""));
+    let batch = match tail {
+        "events" => false,
+        "batch_events" => true,
+        _ => return (404, error_body("not found")),
+    };
+    if app_id != hub.cfg.app_id {
+        return (404, error_body(&format!("unknown app id {app_id:?}")));
+    }
+    if req.chunked {
+        return (411, error_body("a Content-Length is required"));
+    }
+    let len = req.content_length.unwrap_or(0);
+    if len > MAX_BODY {
+        return (
+            413,
+            error_body(&format!("body of {len} bytes: at most {MAX_BODY}")),
+        );
+    }
+    let mut body = req.rest.clone();
+    body.truncate(len);
+    if body.len() < len {
+        let have = body.len();
+        body.resize(len, 0);
+        match tokio::time::timeout_at(deadline, s.read_exact(&mut body[have..])).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return (400, error_body("body shorter than its Content-Length")),
+            Err(_) => return (408, error_body("body not received in time")),
+        }
+    }
+    let now_s = (super::now_ms() / 1000) as i64;
+    if let Err(m) = check_signature(hub, &req.method, &req.path, &req.query, &body, now_s) {
+        return (401, error_body(&m));
+    }
+    let events: Vec<ApiEvent> = if batch {
+        match serde_json::from_slice::<ApiBatch>(&body) {
+            Ok(b) => b.batch,
+            Err(e) => return (400, error_body(&format!("invalid JSON body: {e}"))),
+        }
+    } else {
+        match serde_json::from_slice::<ApiEvent>(&body) {
+            Ok(e) => vec![e],
+            Err(e) => return (400, error_body(&format!("invalid JSON body: {e}"))),
+        }
+    };
+    if events.len() > MAX_BATCH {
+        return (
+            400,
+            error_body(&format!("{} events: at most {MAX_BATCH} per batch", events.len())),
+        );
+    }
+    let mut checked = Vec::with_capacity(events.len());
+    for e in events {
+        match check_event(e) {
+            Ok(c) => checked.push(c),
+            Err((status, m)) => return (status, error_body(&m)),
+        }
+    }
+    let ctx = Ctx {
+        m: &hub.m,
+        cap: hub.tun.queue_cap,
+    };
+    let mut st = lock(&hub.state);
+    for c in &checked {
+        let seq = data_seq(&c.data);
+        for ch in &c.channels {
+            st.deliver(&ctx, ch, &c.name, &c.data, seq, c.exclude);
+        }
+    }
+    drop(st);
+    if batch {
+        let items: Vec<serde_json::Value> = checked.iter().map(|_| serde_json::json!({})).collect();
+        (200, serde_json::json!({ "batch": items }).to_string())
+    } else {
+        (200, "{}".to_string())
+    }
+}
+
+// ------------------------------------------------------------------ metrics
+
+pub(crate) fn metrics_text(hub: &Hub) -> String {
+    let (channels, subscriptions, retained) = {
+        let st = lock(&hub.state);
+        (st.channel_count(), st.subscriptions, st.retained_count())
+    };
+    let m = &hub.m;
+    let rows: [(&str, &str, &str, u64); 11] = [
+        ("connections", "gauge", "Open WebSocket connections.", Metrics::get(&m.connections)),
+        ("subscriptions", "gauge", "Channel subscriptions of all connections.", subscriptions as u64),
+        ("channels", "gauge", "Channels with at least one subscriber.", channels as u64),
+        ("retained_channels", "gauge", "Channels known to the hub, including those that only keep a latest event.", retained as u64),
+        ("events_in_total", "counter", "Events received for delivery (ingest, HTTP API, upload reports).", Metrics::get(&m.events_in)),
+        ("events_out_total", "counter", "Event messages queued to WebSocket connections.", Metrics::get(&m.events_out)),
+        ("events_dropped_total", "counter", "Events dropped: stale seq, invalid, slow consumers, dropped by PHP processes.", Metrics::get(&m.events_dropped)),
+        ("slow_consumer_evictions_total", "counter", "Connections closed because their send queue was full.", Metrics::get(&m.evictions)),
+        ("ingest_connections", "gauge", "Open connections on the ingest socket.", Metrics::get(&m.ingest_connections)),
+        ("ingest_errors_total", "counter", "Ingest connections closed for a malformed frame or a foreign uid.", Metrics::get(&m.ingest_errors)),
+        ("uptime_seconds", "gauge", "Seconds since the hub started.", hub.uptime_s()),
+    ];
+    let mut out = String::with_capacity(2048);
+    for (name, kind, help, v) in rows {
+        out.push_str(&format!(
+            "# HELP upload_progress_{name} {help}\n# TYPE upload_progress_{name} {kind}\nupload_progress_{name} {v}\n"
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heads_are_parsed() {
+        let r = parse_head(b"GET /app/k?protocol=7&client=js HTTP/1.1\r\nHost: x\r\nUpgrade: WebSocket\r\nSec-WebSocket-Key: abc\r\nSec-WebSocket-Version: 13\r\nOrigin: http://a\r\n\r\nXY")
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.path, "/app/k");
+        assert_eq!(query_param(&r.query, "protocol"), Some("7"));
+        assert!(r.upgrade_ws);
+        assert_eq!(r.ws_key.as_deref(), Some("abc"));
+        assert_eq!(r.origin.as_deref(), Some("http://a"));
+        assert_eq!(r.rest, b"XY");
+        assert!(parse_head(b"GET / HTTP/1.1\r\nHost: x\r\n").unwrap().is_none());
+        assert!(parse_head(b"\x00\x01garbage\r\n\r\n").is_err());
+        assert!(parse_head(b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("a%2Cb%zz%4"), "a,b%zz%4");
+        assert_eq!(percent_decode("%"), "%");
+        assert_eq!(percent_decode("1.0"), "1.0");
+    }
+}

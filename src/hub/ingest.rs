@@ -1,0 +1,189 @@
+//! The ingest socket: PHP processes of the same user send length-prefixed
+//! frames (`crate::protocol::ingest`), one connection per process, kept open.
+//! A malformed frame closes that connection only.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+
+use super::http::MAX_EVENT_DATA;
+use super::state::{data_seq, Ctx};
+use super::{lock, log, Hub, Metrics};
+use crate::protocol::ingest::{self, IngestMessage};
+use crate::protocol::pusher;
+
+pub(crate) async fn accept_loop(
+    hub: Arc<Hub>,
+    listener: UnixListener,
+    mut down: watch::Receiver<bool>,
+) {
+    let mut last_log: Option<Instant> = None;
+    loop {
+        let r = tokio::select! {
+            _ = down.changed() => return,
+            r = listener.accept() => r,
+        };
+        match r {
+            Ok((s, _)) => {
+                tokio::spawn(connection(hub.clone(), s, down.clone()));
+            }
+            Err(e) => {
+                if last_log.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                    log(format_args!("ingest accept failed: {e}"));
+                    last_log = Some(Instant::now());
+                }
+                tokio::select! {
+                    _ = down.changed() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+            }
+        }
+    }
+}
+
+struct Gauge<'a>(&'a Hub);
+
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        self.0.m.ingest_connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn connection(hub: Arc<Hub>, mut s: UnixStream, mut down: watch::Receiver<bool>) {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    match s.peer_cred() {
+        Ok(c) if c.uid() == euid => {}
+        Ok(c) => {
+            log(format_args!(
+                "ingest connection from uid {} refused (the hub runs as uid {euid})",
+                c.uid()
+            ));
+            Metrics::add(&hub.m.ingest_errors, 1);
+            return;
+        }
+        Err(e) => {
+            log(format_args!("ingest connection without credentials: {e}"));
+            Metrics::add(&hub.m.ingest_errors, 1);
+            return;
+        }
+    }
+    Metrics::add(&hub.m.ingest_connections, 1);
+    let _gauge = Gauge(&hub);
+    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    let mut reply: Vec<u8> = Vec::new();
+    loop {
+        let mut off = 0;
+        loop {
+            match ingest::frame_len(&buf[off..]) {
+                Ok(Some((len, total))) => {
+                    let body = &buf[off + 4..off + 4 + len];
+                    match ingest::decode(body) {
+                        Ok(msg) => handle(&hub, msg, &mut reply),
+                        Err(e) => {
+                            log(format_args!("ingest connection closed: {e}"));
+                            Metrics::add(&hub.m.ingest_errors, 1);
+                            return;
+                        }
+                    }
+                    off += total;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    log(format_args!("ingest connection closed: {e}"));
+                    Metrics::add(&hub.m.ingest_errors, 1);
+                    return;
+                }
+            }
+        }
+        buf.drain(..off);
+        if !reply.is_empty() {
+            let w = tokio::time::timeout(Duration::from_secs(5), s.write_all(&reply)).await;
+            if !matches!(w, Ok(Ok(()))) {
+                return;
+            }
+            reply.clear();
+            if reply.capacity() > 64 * 1024 {
+                reply = Vec::new();
+            }
+        }
+        if buf.is_empty() && buf.capacity() > 64 * 1024 {
+            buf = Vec::with_capacity(4096);
+        }
+        buf.reserve(4096);
+        let r = tokio::select! {
+            _ = down.changed() => return,
+            r = s.read_buf(&mut buf) => r,
+        };
+        match r {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+fn handle(hub: &Hub, msg: IngestMessage, reply: &mut Vec<u8>) {
+    let ctx = Ctx {
+        m: &hub.m,
+        cap: hub.tun.queue_cap,
+    };
+    match msg {
+        IngestMessage::Hello { version, dropped } => {
+            Metrics::add(&hub.m.events_dropped, dropped);
+            if version != hub.version {
+                log(format_args!(
+                    "a PHP process runs version {version:?} (this hub: {:?}): handing over",
+                    hub.version
+                ));
+                hub.request_stop(format!("hand-over to version {version:?}"));
+            }
+        }
+        IngestMessage::Publish {
+            channel,
+            event,
+            data,
+        } => {
+            if pusher::validate_channel(&channel).is_err()
+                || pusher::validate_event(&event).is_err()
+                || data.len() > MAX_EVENT_DATA
+            {
+                Metrics::add(&hub.m.events_in, 1);
+                Metrics::add(&hub.m.events_dropped, 1);
+                return;
+            }
+            let seq = data_seq(&data);
+            lock(&hub.state).deliver(&ctx, &channel, &event, &data, seq, None);
+        }
+        IngestMessage::Progress(r) => lock(&hub.state).progress(&ctx, &r),
+        IngestMessage::StreamEnd {
+            upload_id,
+            stream,
+            outcome,
+            stored_bytes,
+            chunks_done,
+        } => lock(&hub.state).stream_end(
+            &ctx,
+            &upload_id,
+            stream,
+            outcome,
+            stored_bytes,
+            chunks_done,
+        ),
+        IngestMessage::Terminal {
+            upload_id,
+            event,
+            fields,
+        } => lock(&hub.state).terminal(&ctx, &upload_id, &event, &fields),
+        IngestMessage::QueryProgress { upload_id } => {
+            let data = lock(&hub.state).latest_upload_data(&upload_id);
+            ingest::encode_raw(data.as_deref().unwrap_or("").as_bytes(), reply);
+        }
+        IngestMessage::QueryStatus => {
+            ingest::encode_raw(hub.status_json().as_bytes(), reply);
+        }
+    }
+}

@@ -1,0 +1,451 @@
+//! The hub: one long-lived process per host that speaks Pusher protocol 7 to
+//! browsers, accepts the Pusher HTTP events API, reads events from PHP
+//! processes on the ingest socket and keeps the latest event of each channel.
+//!
+//! Layout:
+//! - `mod.rs`: options, `run`, the serve loop, shutdown and the watched pid;
+//! - `state.rs`: channels, subscribers, fan-out, latest events, upload aggregation;
+//! - `http.rs`: the HTTP request head, routing, events API, `/health`, `/metrics`;
+//! - `ws.rs`: one task per WebSocket connection (Pusher protocol);
+//! - `ingest.rs`: the Unix socket PHP processes write to.
+//!
+//! Error codes sent to WebSocket clients (`pusher:error` data `{"code","message"}`):
+//! 4000 malformed message / unsupported event (connection kept), 4001 unknown app
+//! key (closed), 4007 unsupported protocol version (closed), 4009 message too
+//! large (closed with 1009), 4100 over capacity or slow consumer (closed),
+//! 4200 hub restart, reconnect now (close frame only), 4201 pong timeout
+//! (closed), 4301 client events are refused (connection kept).
+
+mod http;
+mod ingest;
+mod state;
+mod ws;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, watch};
+
+use crate::config::Config;
+use state::{Conn, State};
+
+/// What `run` needs; the lead binds the ingest socket (binding it is the lock).
+pub struct HubOptions {
+    /// `listen`, `app_id`, `app_key`, `app_secret`, `allowed_origins`,
+    /// `activity_timeout` and `max_connections` are used.
+    pub config: Config,
+    /// Extension version; a Hello frame with another version makes this hub hand over.
+    pub version: String,
+    /// Already bound and listening (may be abstract).
+    pub ingest: std::os::unix::net::UnixListener,
+    /// Exit when this process exits.
+    pub watch_pid: Option<i32>,
+}
+
+/// Runs the hub in this thread until SIGTERM/SIGINT, the watched process
+/// exits, or a hub of another version takes over; then closes every
+/// WebSocket with 4200 (clients reconnect at once) and returns Ok.
+pub fn run(opts: HubOptions) -> Result<(), String> {
+    // Writing to a socket the peer closed must be an error, never a fatal SIGPIPE
+    // (the host process is the PHP CLI, which keeps the default disposition).
+    // SAFETY: setting a signal disposition to SIG_IGN is async-signal-safe and
+    // affects only this process.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("upload-progress-hub")
+        .build()
+        .map_err(|e| format!("cannot start the hub runtime: {e}"))?;
+    let res = rt.block_on(async {
+        let stop = signals();
+        serve(opts, None, Tunables::default(), stop).await
+    });
+    rt.shutdown_timeout(Duration::from_millis(300));
+    res
+}
+
+/// Resolves with the name of the first SIGTERM or SIGINT received.
+fn signals() -> impl Future<Output = String> + Send {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut t), Ok(mut i)) => tokio::select! {
+                _ = t.recv() => "SIGTERM".to_string(),
+                _ = i.recv() => "SIGINT".to_string(),
+            },
+            (Ok(mut t), Err(e)) | (Err(e), Ok(mut t)) => {
+                log(format_args!("cannot install a signal handler: {e}"));
+                t.recv().await;
+                "signal".to_string()
+            }
+            (Err(e), Err(_)) => {
+                log(format_args!("cannot install signal handlers: {e}"));
+                std::future::pending().await
+            }
+        }
+    }
+}
+
+/// Knobs that tests turn down; production uses `Tunables::default()`.
+#[derive(Debug, Clone)]
+pub(crate) struct Tunables {
+    /// Messages queued per connection before it counts as a slow consumer.
+    pub queue_cap: usize,
+    /// How long a `pusher:ping` may stay unanswered.
+    pub pong_timeout: Duration,
+    /// How long one write to a client may block.
+    pub write_timeout: Duration,
+    /// Deadline for the HTTP request head (and body) of a new connection.
+    pub handshake_timeout: Duration,
+    /// How long the latest event of a channel without subscribers is kept.
+    pub retention: Duration,
+    /// Period of the sweeper.
+    pub sweep_every: Duration,
+    /// Closing all connections at shutdown is spread over this long.
+    pub close_spread: Duration,
+}
+
+impl Default for Tunables {
+    fn default() -> Self {
+        Tunables {
+            queue_cap: 128,
+            pong_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+            retention: Duration::from_secs(3600),
+            sweep_every: Duration::from_secs(30),
+            close_spread: Duration::from_millis(1000),
+        }
+    }
+}
+
+/// Counters behind `/metrics` and `QueryStatus`.
+#[derive(Default)]
+pub(crate) struct Metrics {
+    pub connections: AtomicU64,
+    pub events_in: AtomicU64,
+    pub events_out: AtomicU64,
+    pub events_dropped: AtomicU64,
+    pub evictions: AtomicU64,
+    pub ingest_connections: AtomicU64,
+    pub ingest_errors: AtomicU64,
+}
+
+impl Metrics {
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+}
+
+/// Everything the tasks of one hub share.
+pub(crate) struct Hub {
+    pub cfg: Config,
+    pub version: String,
+    pub tun: Tunables,
+    pub started: Instant,
+    /// The address actually bound (the port is known even when `listen` says 0).
+    pub listen_addr: String,
+    pub state: Mutex<State>,
+    pub conns: Mutex<HashMap<u64, Arc<Conn>>>,
+    pub m: Metrics,
+    next_id: AtomicU64,
+    seed: u64,
+    pub stopping: AtomicBool,
+    stop_tx: mpsc::Sender<String>,
+}
+
+/// Locks a mutex, ignoring poisoning (no code panics while holding one, and a
+/// hub that keeps serving is better than one that dies).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Hub {
+    /// Asks the serve loop to stop (hand-over).
+    pub fn request_stop(&self, reason: String) {
+        let _ = self.stop_tx.try_send(reason);
+    }
+
+    /// A fresh connection id and the random half of its socket id.
+    pub fn new_conn_ids(&self) -> (u64, u32) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let r = splitmix64(self.seed ^ id.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        (id, (r % 1_000_000_000) as u32)
+    }
+
+    pub fn uptime_s(&self) -> u64 {
+        self.started.elapsed().as_secs()
+    }
+
+    /// `QueryStatus` answer.
+    pub fn status_json(&self) -> String {
+        let (channels, subscriptions) = {
+            let st = lock(&self.state);
+            (st.channel_count(), st.subscriptions)
+        };
+        serde_json::json!({
+            "running": true,
+            "pid": std::process::id(),
+            "listen": self.listen_addr,
+            "connections": Metrics::get(&self.m.connections),
+            "channels": channels,
+            "subscriptions": subscriptions,
+            "uptime_s": self.uptime_s(),
+            "version": self.version,
+            "events_in": Metrics::get(&self.m.events_in),
+            "events_out": Metrics::get(&self.m.events_out),
+            "events_dropped": Metrics::get(&self.m.events_dropped),
+            "slow_consumer_evictions": Metrics::get(&self.m.evictions),
+        })
+        .to_string()
+    }
+}
+
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+fn random_seed() -> u64 {
+    let mut b = [0u8; 8];
+    if getrandom::getrandom(&mut b).is_ok() {
+        u64::from_le_bytes(b)
+    } else {
+        let t = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        splitmix64(t ^ u64::from(std::process::id()))
+    }
+}
+
+/// Unix time in milliseconds.
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Unix time in microseconds.
+pub(crate) fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// One log line on stderr: `2026-11-21T05:22:03.123Z upload_progress hub[pid]: message`.
+pub(crate) fn log(args: std::fmt::Arguments<'_>) {
+    eprintln!(
+        "{} upload_progress hub[{}]: {}",
+        timestamp(now_ms()),
+        std::process::id(),
+        args
+    );
+}
+
+fn timestamp(ms: u64) -> String {
+    let secs = ms / 1000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
+/// Serves until `stop` resolves, the watched pid exits or a hand-over is
+/// requested. `listener`: an already bound TCP listener (tests), else
+/// `config.listen` is bound here.
+pub(crate) async fn serve(
+    opts: HubOptions,
+    listener: Option<std::net::TcpListener>,
+    tun: Tunables,
+    stop: impl Future<Output = String> + Send,
+) -> Result<(), String> {
+    let HubOptions {
+        config,
+        version,
+        ingest,
+        watch_pid,
+    } = opts;
+    let tcp = match listener {
+        Some(l) => {
+            l.set_nonblocking(true)
+                .map_err(|e| format!("cannot use the listen socket: {e}"))?;
+            tokio::net::TcpListener::from_std(l)
+                .map_err(|e| format!("cannot use the listen socket: {e}"))?
+        }
+        None => tokio::net::TcpListener::bind(config.listen.as_str())
+            .await
+            .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?,
+    };
+    let listen_addr = tcp
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| config.listen.clone());
+    ingest
+        .set_nonblocking(true)
+        .map_err(|e| format!("cannot use the ingest socket: {e}"))?;
+    let ingest = tokio::net::UnixListener::from_std(ingest)
+        .map_err(|e| format!("cannot use the ingest socket: {e}"))?;
+
+    let (stop_tx, mut stop_rx) = mpsc::channel::<String>(4);
+    let hub = Arc::new(Hub {
+        cfg: config,
+        version,
+        tun,
+        started: Instant::now(),
+        listen_addr,
+        state: Mutex::new(State::default()),
+        conns: Mutex::new(HashMap::new()),
+        m: Metrics::default(),
+        next_id: AtomicU64::new(1),
+        seed: random_seed(),
+        stopping: AtomicBool::new(false),
+        stop_tx,
+    });
+    log(format_args!(
+        "version {} started, listening on {} (app id {:?}, max_connections {}, activity_timeout {} s)",
+        hub.version,
+        hub.listen_addr,
+        hub.cfg.app_id,
+        hub.cfg.max_connections,
+        hub.cfg.activity_timeout
+    ));
+
+    let (down_tx, down_rx) = watch::channel(false);
+    let tcp_task = tokio::spawn(http::accept_loop(hub.clone(), tcp, down_rx.clone()));
+    let ingest_task = tokio::spawn(ingest::accept_loop(hub.clone(), ingest, down_rx.clone()));
+    let sweeper = tokio::spawn(sweep_loop(hub.clone(), down_rx));
+
+    let reason = tokio::select! {
+        r = stop => r,
+        r = stop_rx.recv() => r.unwrap_or_else(|| "stop requested".to_string()),
+        r = watch(watch_pid) => r,
+    };
+    log(format_args!("shutting down: {reason}"));
+    shutdown(&hub, down_tx, [tcp_task, ingest_task, sweeper]).await;
+    log(format_args!("stopped"));
+    Ok(())
+}
+
+async fn shutdown(
+    hub: &Arc<Hub>,
+    down_tx: watch::Sender<bool>,
+    tasks: [tokio::task::JoinHandle<()>; 3],
+) {
+    hub.stopping.store(true, Ordering::SeqCst);
+    let _ = down_tx.send(true);
+    // The listeners close first, so that a new hub can bind at once.
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_millis(500), t).await;
+    }
+    let conns: Vec<Arc<Conn>> = lock(&hub.conns).values().cloned().collect();
+    let n = conns.len();
+    if n > 0 {
+        log(format_args!("closing {n} connections with 4200"));
+        // Spread the reconnects: Pusher clients reconnect at once on 4200.
+        let steps = 20usize;
+        let per_step = n.div_ceil(steps);
+        let pause = hub.tun.close_spread / steps as u32;
+        for (i, batch) in conns.chunks(per_step.max(1)).enumerate() {
+            if i > 0 {
+                tokio::time::sleep(pause).await;
+            }
+            for c in batch {
+                c.close(4200, "Hub restarting, reconnect now");
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_millis(800);
+    while Metrics::get(&hub.m.connections) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn sweep_loop(hub: Arc<Hub>, mut down: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(hub.tun.sweep_every) => {}
+            _ = down.changed() => return,
+        }
+        let mut st = lock(&hub.state);
+        st.sweep(hub.tun.retention);
+    }
+}
+
+/// Resolves when `pid` exits; never when there is none to watch.
+async fn watch(pid: Option<i32>) -> String {
+    let Some(pid) = pid.filter(|p| *p > 0) else {
+        return std::future::pending().await;
+    };
+    let gone = format!("watched process {pid} exited");
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd >= 0 {
+        use std::os::fd::{FromRawFd, OwnedFd};
+        // SAFETY: the fd was just returned by pidfd_open and is owned by nobody else.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        // `register_with_interest` only exists in recent tokio versions; the fd is
+        // owned and stays open as long as the AsyncFd, which is what it asks for.
+        #[allow(deprecated)]
+        let afd = tokio::io::unix::AsyncFd::with_interest(owned, tokio::io::Interest::READABLE);
+        if let Ok(afd) = afd {
+            // A pidfd becomes readable when the process exits.
+            let _ = afd.readable().await;
+            return gone;
+        }
+    } else if std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
+        return gone;
+    }
+    loop {
+        // SAFETY: kill with signal 0 only checks that the process exists.
+        let r = unsafe { libc::kill(pid, 0) };
+        if r == -1 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
+            return gone;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    #[test]
+    fn timestamps() {
+        assert_eq!(timestamp(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(timestamp(1_795_000_000_123), "2026-11-18T11:06:40.123Z");
+        assert_eq!(timestamp(951_782_400_000), "2000-02-29T00:00:00.000Z");
+    }
+}

@@ -1,0 +1,37 @@
+//! upload_progress: chunked, resumable uploads and real-time progress over
+//! WebSocket for plain PHP-FPM. This file only wires the PHP module; the core
+//! lives in pure-Rust modules (`recorder`, `hub`, `storage`, `protocol`).
+#![cfg_attr(windows, feature(abi_vectorcall))]
+
+pub mod config;
+pub mod hub;
+pub mod php;
+pub mod protocol;
+pub mod recorder;
+pub mod secret;
+pub mod storage;
+
+use ext_php_rs::prelude::*;
+use php::{errors, functions, hub as php_hub, info, module, upload};
+
+#[php_module]
+pub fn get_module(builder: ModuleBuilder) -> ModuleBuilder {
+    builder
+        .startup_function(module::startup)
+        .shutdown_function(module::shutdown)
+        .request_startup_function(module::request_startup)
+        .request_shutdown_function(module::request_shutdown)
+        .info_function(info::module_info)
+        .class::<errors::Exception>()
+        .class::<errors::NotFoundException>()
+        .class::<errors::InvalidChunkException>()
+        .class::<errors::ChecksumMismatchException>()
+        .class::<errors::StorageException>()
+        .class::<upload::Upload>()
+        .class::<php_hub::Hub>()
+        .function(wrap_function!(functions::version))
+        .function(wrap_function!(functions::publish))
+        .function(wrap_function!(functions::auth))
+        .function(wrap_function!(functions::progress))
+        .function(wrap_function!(functions::hub_status))
+}

@@ -1,0 +1,124 @@
+//! Functions of the `UploadProgress` namespace.
+
+use crate::php::convert::{json_to_zval, object_to_hashtable, write_json};
+use crate::php::errors::{invalid_argument, value_error};
+use crate::php::{ini, recorder};
+use crate::protocol::ingest::IngestMessage;
+use crate::protocol::pusher;
+use ext_php_rs::boxed::ZBox;
+use ext_php_rs::prelude::*;
+use ext_php_rs::types::{ZendHashTable, Zval};
+use std::time::Duration;
+
+/// Largest `data` of one event, as Pusher allows.
+pub const MAX_EVENT_DATA: usize = 10 * 1024;
+
+/// Semver of the extension.
+#[php_function]
+#[php(name = "UploadProgress\\version")]
+pub fn version() -> &'static str {
+    recorder::VERSION
+}
+
+/// Queues an event for every subscriber of `$channel`; false when dropped.
+/// Never blocks. `$data` is a string (sent as is) or an array (sent as JSON).
+#[php_function]
+#[php(name = "UploadProgress\\publish")]
+pub fn publish(channel: &str, event: &str, data: &Zval) -> PhpResult<bool> {
+    pusher::validate_channel(channel).map_err(value_error)?;
+    pusher::validate_event(event).map_err(value_error)?;
+    let mut json;
+    let text = if let Some(s) = data.str() {
+        s
+    } else if data.is_array() {
+        json = String::with_capacity(128);
+        write_json(data, &mut json, 0).map_err(value_error)?;
+        json.as_str()
+    } else {
+        return Err(value_error(format!(
+            "publish(): data must be an array or a string, {:?} given",
+            data.get_type()
+        )));
+    };
+    if text.len() > MAX_EVENT_DATA {
+        return Err(value_error(format!(
+            "publish(): data of {} bytes exceeds the limit of {MAX_EVENT_DATA} bytes",
+            text.len()
+        )));
+    }
+    Ok(recorder::publish(channel, event, text))
+}
+
+/// The body a Pusher auth endpoint returns for this socket and channel.
+#[php_function]
+#[php(name = "UploadProgress\\auth")]
+pub fn auth(socket_id: &str, channel: &str, channel_data: Option<&str>) -> PhpResult<String> {
+    let cfg = ini::config();
+    if cfg.app_secret.is_empty() {
+        return Err(invalid_argument(format!(
+            "auth(): no app secret: set upload_progress.app_secret or make {} writable",
+            cfg.storage_dir.display()
+        )));
+    }
+    pusher::channel_auth(&cfg.app_key, &cfg.app_secret, socket_id, channel, channel_data)
+        .map_err(invalid_argument)
+}
+
+fn query_json(msg: &IngestMessage) -> Option<serde_json::Value> {
+    let body = recorder::query(msg, Duration::from_millis(250))?;
+    if body.is_empty() {
+        return None;
+    }
+    serde_json::from_slice(&body).ok()
+}
+
+/// Latest event data of an upload as the hub knows it; null when unknown.
+#[php_function]
+#[php(name = "UploadProgress\\progress")]
+pub fn progress(upload_id: &str) -> Option<Zval> {
+    if !crate::recorder::valid_progress_id(upload_id) {
+        return None;
+    }
+    let value = query_json(&IngestMessage::QueryProgress {
+        upload_id: upload_id.to_owned(),
+    })?;
+    value.is_object().then(|| json_to_zval(&value))
+}
+
+/// State of this host's hub.
+#[php_function]
+#[php(name = "UploadProgress\\hub_status")]
+pub fn hub_status() -> ZBox<ZendHashTable> {
+    status_map().map_or_else(ZendHashTable::new, |m| object_to_hashtable(&m))
+}
+
+/// The hub's answer, completed with what this process knows when no hub answers.
+pub fn status_map() -> Option<serde_json::Map<String, serde_json::Value>> {
+    use serde_json::{json, Value};
+    let cfg = ini::config();
+    let local_dropped = recorder::dropped();
+    let mut map = match query_json(&IngestMessage::QueryStatus) {
+        Some(Value::Object(m)) => m,
+        _ => {
+            let Value::Object(m) = json!({
+                "running": false,
+                "pid": null,
+                "connections": 0,
+                "channels": 0,
+                "uptime_s": 0,
+                "version": recorder::VERSION,
+                "events_dropped": 0,
+            }) else {
+                return None;
+            };
+            m
+        }
+    };
+    map.insert("listen".into(), json!(cfg.listen));
+    map.insert("hub_socket".into(), json!(cfg.hub_socket));
+    map.insert("mode".into(), json!(cfg.hub.as_str()));
+    let hub_dropped = map.get("events_dropped").and_then(Value::as_u64).unwrap_or(0);
+    map.insert("events_dropped".into(), json!(hub_dropped + local_dropped));
+    map.insert("events_dropped_here".into(), json!(local_dropped));
+    Some(map)
+}

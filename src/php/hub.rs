@@ -1,0 +1,56 @@
+//! `UploadProgress\Hub::run()`: the hub in the foreground of a CLI process.
+//! The auto-spawned hub runs exactly this, with the bound ingest socket
+//! inherited on fd 3.
+
+use crate::hub::{self, HubOptions};
+use crate::php::errors::Exception;
+use crate::php::{ini, recorder};
+use crate::recorder::spawn::{self, ENV_WATCH_PID};
+use ext_php_rs::exception::PhpException;
+use ext_php_rs::prelude::*;
+use std::os::unix::net::UnixListener;
+
+#[php_class]
+#[php(name = "UploadProgress\\Hub")]
+#[derive(Default)]
+pub struct Hub;
+
+#[php_impl]
+impl Hub {
+    /// Runs the hub until SIGTERM/SIGINT (or until the watched FPM master exits).
+    pub fn run() -> PhpResult<()> {
+        let cfg = ini::config().clone();
+        let listener = match spawn::inherited_listener() {
+            Some(fd) => fd,
+            None => spawn::bind_listener(&cfg.hub_socket).map_err(|e| {
+                let why = if e.raw_os_error() == Some(libc::EADDRINUSE) {
+                    "another hub already serves it".to_owned()
+                } else {
+                    e.to_string()
+                };
+                PhpException::from_class::<Exception>(format!(
+                    "Hub::run(): cannot bind the ingest socket \"{}\": {why}",
+                    cfg.hub_socket
+                ))
+            })?,
+        };
+        let watch_pid = std::env::var(ENV_WATCH_PID)
+            .ok()
+            .and_then(|v| v.parse::<i32>().ok())
+            .filter(|p| *p > 1);
+        std::env::remove_var(ENV_WATCH_PID);
+        let _ = std::fs::create_dir_all(&cfg.storage_dir);
+        let pid_file = cfg.storage_dir.join("hub.pid");
+        let _ = std::fs::write(&pid_file, std::process::id().to_string());
+        let result = hub::run(HubOptions {
+            config: cfg,
+            version: recorder::VERSION.to_owned(),
+            ingest: UnixListener::from(listener),
+            watch_pid,
+        });
+        if std::fs::read_to_string(&pid_file).is_ok_and(|p| p.trim() == std::process::id().to_string()) {
+            let _ = std::fs::remove_file(&pid_file);
+        }
+        result.map_err(|e| PhpException::from_class::<Exception>(format!("Hub::run(): {e}")))
+    }
+}

@@ -1,0 +1,33 @@
+//! `php --ri upload_progress` / phpinfo(): version, hub state, every directive.
+
+use crate::php::{functions, recorder, sapi};
+use ext_php_rs::zend::ModuleEntry;
+use ext_php_rs::{info_table_end, info_table_row, info_table_start};
+use std::panic::catch_unwind;
+
+pub extern "C" fn module_info(module: *mut ModuleEntry) {
+    let _ = catch_unwind(|| {
+        info_table_start!();
+        info_table_row!("upload_progress support", "enabled");
+        info_table_row!("version", recorder::VERSION);
+        let hub = functions::status_map()
+            .map(|m| {
+                let running = m.get("running").and_then(serde_json::Value::as_bool).unwrap_or(false);
+                if running {
+                    format!(
+                        "running (pid {}, {} connections)",
+                        m.get("pid").map_or("?".into(), ToString::to_string),
+                        m.get("connections").map_or("0".into(), ToString::to_string)
+                    )
+                } else {
+                    "not running".to_owned()
+                }
+            })
+            .unwrap_or_else(|| "not running".to_owned());
+        info_table_row!("hub", hub.as_str());
+        info_table_end!();
+    });
+    if let Some(syms) = sapi::get() {
+        syms.display_ini_entries(module);
+    }
+}

@@ -1,0 +1,169 @@
+//! php.ini directives of the contract and the process-wide `Config` read from them.
+
+use crate::config::{parse_origins, Config, HubMode, DEFAULT_APP_ID, DEFAULT_APP_KEY};
+use crate::secret;
+use ext_php_rs::flags::IniEntryPermission;
+use ext_php_rs::zend::{ExecutorGlobals, IniEntryDef, IniEntryDefs};
+use once_cell::sync::OnceCell;
+use std::path::PathBuf;
+
+/// Name and default of every directive, in the order `php --ri` shows them.
+pub const DIRECTIVES: [(&str, &str); 18] = [
+    ("upload_progress.enabled", "1"),
+    ("upload_progress.storage_dir", ""),
+    ("upload_progress.hub", "auto"),
+    ("upload_progress.listen", "127.0.0.1:6001"),
+    ("upload_progress.hub_socket", ""),
+    ("upload_progress.app_id", ""),
+    ("upload_progress.app_key", ""),
+    ("upload_progress.app_secret", ""),
+    ("upload_progress.allowed_origins", "*"),
+    ("upload_progress.progress_param", "X-Progress-ID"),
+    ("upload_progress.min_interval_ms", "100"),
+    ("upload_progress.chunk_size", "8388608"),
+    ("upload_progress.max_upload_size", "0"),
+    ("upload_progress.expire_seconds", "86400"),
+    ("upload_progress.activity_timeout", "30"),
+    ("upload_progress.max_connections", "0"),
+    ("upload_progress.redis_url", ""),
+    ("upload_progress.php_binary", ""),
+];
+
+macro_rules! system {
+    ($name:literal, $default:literal) => {
+        IniEntryDef::new($name, $default, IniEntryPermission::System)
+    };
+}
+
+static INI_ENTRIES: IniEntryDefs<19> = IniEntryDefs::new([
+    system!(c"upload_progress.enabled", c"1"),
+    system!(c"upload_progress.storage_dir", c""),
+    system!(c"upload_progress.hub", c"auto"),
+    system!(c"upload_progress.listen", c"127.0.0.1:6001"),
+    system!(c"upload_progress.hub_socket", c""),
+    system!(c"upload_progress.app_id", c""),
+    system!(c"upload_progress.app_key", c""),
+    system!(c"upload_progress.app_secret", c""),
+    system!(c"upload_progress.allowed_origins", c"*"),
+    system!(c"upload_progress.progress_param", c"X-Progress-ID"),
+    system!(c"upload_progress.min_interval_ms", c"100"),
+    system!(c"upload_progress.chunk_size", c"8388608"),
+    system!(c"upload_progress.max_upload_size", c"0"),
+    system!(c"upload_progress.expire_seconds", c"86400"),
+    system!(c"upload_progress.activity_timeout", c"30"),
+    system!(c"upload_progress.max_connections", c"0"),
+    system!(c"upload_progress.redis_url", c""),
+    system!(c"upload_progress.php_binary", c""),
+    IniEntryDef::end(),
+]);
+
+pub fn register(module_number: i32) {
+    IniEntryDef::register(INI_ENTRIES.as_slice(), module_number);
+}
+
+/// Current values of our directives (name, value) as PHP sees them.
+pub fn current_values() -> Vec<(String, String)> {
+    let all = ExecutorGlobals::get().ini_values();
+    DIRECTIVES
+        .iter()
+        .map(|(name, default)| {
+            let value = all
+                .get(*name)
+                .cloned()
+                .flatten()
+                .unwrap_or_else(|| (*default).to_owned());
+            ((*name).to_owned(), value)
+        })
+        .collect()
+}
+
+static CONFIG: OnceCell<Config> = OnceCell::new();
+
+/// The process's configuration, read on first use: in FPM that is the first
+/// request, after the pool's php_admin_value entries were applied.
+pub fn config() -> &'static Config {
+    CONFIG.get_or_init(|| build_config(&current_values()))
+}
+
+fn bool_value(v: &str) -> bool {
+    matches!(
+        v.trim().to_ascii_lowercase().as_str(),
+        "1" | "on" | "yes" | "true"
+    )
+}
+
+fn u64_value(v: &str, default: u64) -> u64 {
+    let v = v.trim();
+    let (digits, mult) = match v.chars().last().map(|c| c.to_ascii_lowercase()) {
+        Some('k') => (&v[..v.len() - 1], 1024),
+        Some('m') => (&v[..v.len() - 1], 1024 * 1024),
+        Some('g') => (&v[..v.len() - 1], 1024 * 1024 * 1024),
+        _ => (v, 1),
+    };
+    digits
+        .trim()
+        .parse::<u64>()
+        .map(|n| n.saturating_mul(mult))
+        .unwrap_or(default)
+}
+
+fn or_default(v: &str, default: &str) -> String {
+    if v.trim().is_empty() {
+        default.to_owned()
+    } else {
+        v.trim().to_owned()
+    }
+}
+
+pub fn build_config(values: &[(String, String)]) -> Config {
+    let get = |name: &str| {
+        values
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+            .unwrap_or("")
+    };
+    let storage_dir = match get("upload_progress.storage_dir").trim() {
+        "" => {
+            let tmp = crate::php::sapi::get().map_or_else(|| "/tmp".to_owned(), |s| s.temp_dir());
+            PathBuf::from(tmp).join("upload-progress")
+        }
+        dir => PathBuf::from(dir),
+    };
+    let listen = or_default(get("upload_progress.listen"), "127.0.0.1:6001");
+    let hub_socket = match get("upload_progress.hub_socket").trim() {
+        // SAFETY: getuid never fails.
+        "" => Config::default_hub_socket(unsafe { libc::getuid() }, &listen),
+        s => s.to_owned(),
+    };
+    // The spawned hub receives an explicit secret through its environment, not argv.
+    let configured_secret = std::env::var("UPLOAD_PROGRESS_APP_SECRET")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| get("upload_progress.app_secret").trim().to_owned());
+    let app_secret = if configured_secret.is_empty() {
+        secret::load_or_create(&storage_dir).unwrap_or_default()
+    } else {
+        configured_secret
+    };
+    Config {
+        enabled: bool_value(get("upload_progress.enabled")),
+        storage_dir,
+        hub: HubMode::parse(get("upload_progress.hub")).unwrap_or(HubMode::Auto),
+        listen,
+        hub_socket,
+        app_id: or_default(get("upload_progress.app_id"), DEFAULT_APP_ID),
+        app_key: or_default(get("upload_progress.app_key"), DEFAULT_APP_KEY),
+        app_secret,
+        allowed_origins: parse_origins(get("upload_progress.allowed_origins")),
+        progress_param: or_default(get("upload_progress.progress_param"), "X-Progress-ID"),
+        min_interval_ms: u64_value(get("upload_progress.min_interval_ms"), 100),
+        chunk_size: u64_value(get("upload_progress.chunk_size"), 8 * 1024 * 1024),
+        max_upload_size: u64_value(get("upload_progress.max_upload_size"), 0),
+        expire_seconds: u64_value(get("upload_progress.expire_seconds"), 86400),
+        activity_timeout: u64_value(get("upload_progress.activity_timeout"), 30),
+        max_connections: u64_value(get("upload_progress.max_connections"), 0),
+        redis_url: get("upload_progress.redis_url").trim().to_owned(),
+        php_binary: get("upload_progress.php_binary").trim().to_owned(),
+    }
+}

@@ -1,0 +1,32 @@
+//! Module lifecycle: MINIT/MSHUTDOWN/RINIT/RSHUTDOWN. Each hook body runs in
+//! `catch_unwind`: a panic must never unwind into the engine.
+
+use crate::php::{ini, recorder};
+use std::panic::catch_unwind;
+
+pub extern "C" fn startup(_ty: i32, module_number: i32) -> i32 {
+    let ok = catch_unwind(|| {
+        ini::register(module_number);
+        recorder::install_hooks();
+    });
+    if ok.is_ok() {
+        0
+    } else {
+        -1
+    }
+}
+
+pub extern "C" fn shutdown(_ty: i32, _module_number: i32) -> i32 {
+    let _ = catch_unwind(recorder::uninstall_hooks);
+    0
+}
+
+pub extern "C" fn request_startup(_ty: i32, _module_number: i32) -> i32 {
+    let _ = catch_unwind(recorder::request_startup);
+    0
+}
+
+pub extern "C" fn request_shutdown(_ty: i32, _module_number: i32) -> i32 {
+    let _ = catch_unwind(recorder::request_shutdown);
+    0
+}

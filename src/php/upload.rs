@@ -1,0 +1,349 @@
+//! `UploadProgress\Upload`: a thin wrapper over `storage::Store` that also
+//! reports progress to the hub while chunks stream in.
+
+use crate::php::convert::{key_string, object_to_hashtable};
+use crate::php::errors::{storage_error, value_error};
+use crate::php::{ini, recorder, sapi};
+use crate::protocol::ingest::{IngestMessage, ProgressReport, StreamOutcome};
+use crate::recorder::Throttle;
+use crate::storage::{Store, StoreOptions, UploadStatus};
+use ext_php_rs::boxed::ZBox;
+use ext_php_rs::flags::ClassFlags;
+use ext_php_rs::prelude::*;
+use ext_php_rs::types::{ZendCallable, ZendHashTable, Zval};
+use once_cell::sync::OnceCell;
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::time::Instant;
+
+static STORE: OnceCell<Store> = OnceCell::new();
+
+fn store() -> PhpResult<&'static Store> {
+    STORE
+        .get_or_try_init(|| {
+            let cfg = ini::config();
+            Store::new(StoreOptions {
+                root: cfg.storage_dir.clone(),
+                default_chunk_size: cfg.chunk_size,
+                max_upload_size: cfg.max_upload_size,
+                expire_seconds: cfg.expire_seconds,
+            })
+        })
+        .map_err(storage_error)
+}
+
+fn status_array(status: &UploadStatus) -> PhpResult<ZBox<ZendHashTable>> {
+    match serde_json::to_value(status) {
+        Ok(serde_json::Value::Object(map)) => Ok(object_to_hashtable(&map)),
+        _ => Err(value_error("status could not be converted")),
+    }
+}
+
+/// Removes expired uploads (at most once a minute per process and directory)
+/// and tells their subscribers.
+fn sweep(store: &Store) {
+    for id in store.sweep_expired() {
+        recorder::send(&IngestMessage::Terminal {
+            upload_id: id,
+            event: "failed".into(),
+            fields: "{\"error\":\"expired\"}".into(),
+        });
+    }
+}
+
+/// The request body as the SAPI delivers it, read through our read_post hook.
+struct SapiBody(&'static sapi::Symbols);
+
+impl Read for SapiBody {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        Ok(self.0.read_post_block(buf))
+    }
+}
+
+/// The body when PHP already consumed it (POST of a form or unknown type):
+/// `php://input` replays it from PHP's own copy.
+struct PhpInput {
+    handle: Zval,
+}
+
+impl PhpInput {
+    fn open() -> Option<Self> {
+        let fopen = ZendCallable::try_from_name("fopen").ok()?;
+        let handle = fopen.try_call(vec![&"php://input", &"rb"]).ok()?;
+        handle.is_resource().then_some(PhpInput { handle })
+    }
+}
+
+impl Read for PhpInput {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let fread = ZendCallable::try_from_name("fread").map_err(|e| std::io::Error::other(e.to_string()))?;
+        let want = buf.len() as i64;
+        let data = fread
+            .try_call(vec![&self.handle, &want])
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let Some(bytes) = data.zend_str().map(|s| s.as_bytes()) else {
+            return Ok(0);
+        };
+        let n = bytes.len().min(buf.len());
+        buf[..n].copy_from_slice(&bytes[..n]);
+        Ok(n)
+    }
+}
+
+impl Drop for PhpInput {
+    fn drop(&mut self) {
+        if let Ok(fclose) = ZendCallable::try_from_name("fclose") {
+            let _ = fclose.try_call(vec![&self.handle]);
+        }
+    }
+}
+
+/// A chunked, resumable upload stored by the extension.
+#[php_class]
+#[php(name = "UploadProgress\\Upload")]
+#[php(flags = ClassFlags::Final)]
+pub struct Upload {
+    id: String,
+    total_bytes: u64,
+    chunk_size: u64,
+    chunk_count: u64,
+}
+
+impl Upload {
+    fn from_status(s: &UploadStatus) -> Self {
+        Upload {
+            id: s.id.clone(),
+            total_bytes: s.total_bytes,
+            chunk_size: s.chunk_size,
+            chunk_count: s.chunk_count,
+        }
+    }
+
+    fn report(&self, stream: u64, stored: &UploadStatus, inflight: u64) -> IngestMessage {
+        IngestMessage::Progress(ProgressReport {
+            upload_id: self.id.clone(),
+            stream,
+            bytes_total: self.total_bytes,
+            chunk_count: u32::try_from(self.chunk_count).unwrap_or(u32::MAX),
+            stored_bytes: stored.bytes_done,
+            chunks_done: u32::try_from(stored.chunks_done).unwrap_or(u32::MAX),
+            inflight,
+        })
+    }
+
+    fn stream_end(&self, stream: u64, outcome: StreamOutcome, s: &UploadStatus) -> IngestMessage {
+        IngestMessage::StreamEnd {
+            upload_id: self.id.clone(),
+            stream,
+            outcome,
+            stored_bytes: s.bytes_done,
+            chunks_done: u32::try_from(s.chunks_done).unwrap_or(u32::MAX),
+        }
+    }
+}
+
+fn parse_options(options: &ZendHashTable) -> PhpResult<(Option<u64>, BTreeMap<String, String>, Option<String>)> {
+    let mut chunk_size = None;
+    let mut metadata = BTreeMap::new();
+    let mut sha256 = None;
+    for (key, value) in options.iter() {
+        let key = key_string(key);
+        match key.as_str() {
+            "chunk_size" => {
+                let n = value
+                    .long()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| value_error(format!("Upload::create(): option chunk_size must be a positive int, {value:?} given")))?;
+                chunk_size = Some(n as u64);
+            }
+            "sha256" => {
+                let s = value
+                    .str()
+                    .ok_or_else(|| value_error("Upload::create(): option sha256 must be a string"))?;
+                sha256 = Some(s.to_owned());
+            }
+            "metadata" => {
+                let ht = value
+                    .array()
+                    .ok_or_else(|| value_error("Upload::create(): option metadata must be an array<string,string>"))?;
+                for (k, v) in ht.iter() {
+                    let k = key_string(k);
+                    let v = v.string().or_else(|| v.long().map(|n| n.to_string())).ok_or_else(|| {
+                        value_error(format!("Upload::create(): metadata value of \"{k}\" must be a string"))
+                    })?;
+                    metadata.insert(k, v);
+                }
+            }
+            other => {
+                return Err(value_error(format!(
+                    "Upload::create(): unknown option \"{other}\" (known: chunk_size, metadata, sha256)"
+                )))
+            }
+        }
+    }
+    Ok((chunk_size, metadata, sha256))
+}
+
+#[php_impl]
+impl Upload {
+    /// Starts a new upload of `$totalBytes` bytes; the id is made here.
+    pub fn create(total_bytes: i64, options: Option<&ZendHashTable>) -> PhpResult<Upload> {
+        if total_bytes <= 0 {
+            return Err(value_error(format!(
+                "Upload::create(): total bytes must be greater than 0, {total_bytes} given"
+            )));
+        }
+        let (chunk_size, metadata, sha256) = match options {
+            Some(o) => parse_options(o)?,
+            None => (None, BTreeMap::new(), None),
+        };
+        let store = store()?;
+        sweep(store);
+        let status = store
+            .create(total_bytes as u64, chunk_size, metadata, sha256)
+            .map_err(storage_error)?;
+        Ok(Upload::from_status(&status))
+    }
+
+    /// Opens an existing upload; NotFoundException when unknown or expired.
+    pub fn open(id: &str) -> PhpResult<Upload> {
+        let status = store()?.open(id).map_err(storage_error)?;
+        Ok(Upload::from_status(&status))
+    }
+
+    #[php(getter)]
+    pub fn get_id(&self) -> String {
+        self.id.clone()
+    }
+
+    #[php(getter)]
+    pub fn get_total_bytes(&self) -> i64 {
+        self.total_bytes as i64
+    }
+
+    #[php(getter)]
+    pub fn get_chunk_size(&self) -> i64 {
+        self.chunk_size as i64
+    }
+
+    #[php(getter)]
+    pub fn get_chunk_count(&self) -> i64 {
+        self.chunk_count as i64
+    }
+
+    /// Stores chunk `$index` from `$sourceFile`, or from the request body when
+    /// null. `$checksum` is `sha256:<hex>`. Returns status().
+    pub fn write_chunk(
+        &self,
+        index: i64,
+        source_file: Option<String>,
+        checksum: Option<String>,
+    ) -> PhpResult<ZBox<ZendHashTable>> {
+        let store = store()?;
+        if index < 0 || index as u64 >= self.chunk_count {
+            return Err(storage_error(crate::storage::StorageError::InvalidChunk(format!(
+                "chunk index {index} is out of range 0..{} for upload {}",
+                self.chunk_count, self.id
+            ))));
+        }
+        let before = store.status(&self.id).map_err(storage_error)?;
+        let stream = recorder::next_stream_id();
+        let min_interval = ini::config().min_interval_ms;
+        let mut throttle = Throttle::new(min_interval);
+        let mut on_progress = |inflight: u64| {
+            if throttle.due(Instant::now()) {
+                recorder::send(&self.report(stream, &before, inflight));
+            }
+        };
+        let result = match source_file {
+            Some(path) => {
+                let mut file = std::fs::File::open(&path).map_err(|e| {
+                    storage_error(crate::storage::StorageError::Io(format!(
+                        "cannot open source file \"{path}\": {e}"
+                    )))
+                })?;
+                store.write_chunk(&self.id, index as u64, &mut file, checksum.as_deref(), &mut on_progress)
+            }
+            None => {
+                let syms = sapi::get().ok_or_else(|| value_error("no SAPI to read the request body from"))?;
+                recorder::while_streaming_chunk(|| {
+                    if syms.body_already_read() {
+                        match PhpInput::open() {
+                            Some(mut input) => store.write_chunk(
+                                &self.id,
+                                index as u64,
+                                &mut input,
+                                checksum.as_deref(),
+                                &mut on_progress,
+                            ),
+                            None => Err(crate::storage::StorageError::Io(
+                                "the request body was already consumed and php://input cannot replay it".into(),
+                            )),
+                        }
+                    } else {
+                        store.write_chunk(
+                            &self.id,
+                            index as u64,
+                            &mut SapiBody(syms),
+                            checksum.as_deref(),
+                            &mut on_progress,
+                        )
+                    }
+                })
+            }
+        };
+        match result {
+            Ok(outcome) => {
+                recorder::send(&self.stream_end(stream, StreamOutcome::Stored, &outcome.status));
+                status_array(&outcome.status)
+            }
+            Err(e) => {
+                recorder::send(&self.stream_end(stream, StreamOutcome::Failed, &before));
+                Err(storage_error(e))
+            }
+        }
+    }
+
+    /// Everything known about the upload (see the contract for the keys).
+    pub fn status(&self) -> PhpResult<ZBox<ZendHashTable>> {
+        let status = store()?.status(&self.id).map_err(storage_error)?;
+        status_array(&status)
+    }
+
+    /// Checks every chunk (and the optional sha256) and returns the absolute
+    /// path of the finished file; a second call returns the same path.
+    pub fn complete(&self) -> PhpResult<String> {
+        let store = store()?;
+        let was_complete = store
+            .status(&self.id)
+            .is_ok_and(|s| s.path.is_some());
+        let status = store.complete(&self.id).map_err(storage_error)?;
+        let path = status.path.clone().unwrap_or_default();
+        if !was_complete {
+            let mut fields = serde_json::json!({
+                "bytes_total": status.total_bytes,
+                "path": path,
+            });
+            if let Some(sha) = &status.sha256 {
+                fields["sha256"] = serde_json::Value::String(sha.clone());
+            }
+            recorder::send(&IngestMessage::Terminal {
+                upload_id: self.id.clone(),
+                event: "complete".into(),
+                fields: fields.to_string(),
+            });
+        }
+        Ok(path)
+    }
+
+    /// Removes the upload and tells its subscribers.
+    pub fn abort(&self) -> PhpResult<()> {
+        store()?.abort(&self.id).map_err(storage_error)?;
+        recorder::send(&IngestMessage::Terminal {
+            upload_id: self.id.clone(),
+            event: "aborted".into(),
+            fields: "{}".into(),
+        });
+        Ok(())
+    }
+}

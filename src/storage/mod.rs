@@ -1,0 +1,920 @@
+//! Storage of chunked, resumable uploads, streamed straight to disk: the pure-Rust core behind
+//! `UploadProgress\Upload`. Nothing here knows about PHP.
+//!
+//! # On-disk layout
+//!
+//! ```text
+//! <root>/                      mode 0700, created by Store::new when missing
+//!   .sweep                     stamp: its mtime is the last expiry sweep (at most one per 60 s)
+//!   <id>/                      one directory per upload, id = 26 chars of [0-9a-z], mode 0700
+//!     lock                     empty; OFD byte-range locks: byte 0 = manifest, byte 1+i = chunk i
+//!     manifest.json            sizes, stored flags, chunk sha256s, metadata, times, state, path
+//!     manifest.json.tmp        transient: the next manifest before its rename
+//!     data.part                the data file while uploading (sparse, set_len(total) at create)
+//!     data                     the same file after complete() (renamed, never copied)
+//! ```
+//!
+//! Chunk `i` is written in place at offset `i * chunk_size` of the one data file with
+//! `pwrite` (`FileExt::write_at`): no per-chunk files, no merge pass, no extra copy, so every
+//! uploaded byte is written once. Before reading a chunk body its range is reserved with
+//! `fallocate` (mode 0, never emulated by writing zeros), so a full disk is usually reported
+//! before the body is consumed.
+//!
+//! # Locking (works across processes and across hosts sharing the directory)
+//!
+//! Every operation opens `<id>/lock` itself and takes open-file-description locks
+//! (`F_OFD_SETLKW`) on it: byte 0 guards manifest updates, byte `1 + index` is the writer lock
+//! of chunk `index`. OFD locks conflict between separately opened files even within one process
+//! (threads behave like processes), vanish when their holder dies (a SIGKILLed writer leaves no
+//! stale lock) and are forwarded to the server by Linux NFS clients. Lock order is always chunk
+//! lock, then manifest lock, never the reverse, so there is no deadlock. Readers (`open`,
+//! `status`) take no lock: the manifest is only ever replaced by `rename`.
+//!
+//! # Order of a chunk write and fsync policy
+//!
+//! 1. Read the manifest; a chunk already stored returns `already_stored = true` at once,
+//!    without reading the source.
+//! 2. Take the chunk lock (waits for a concurrent writer of the same chunk), re-read the
+//!    manifest, return `already_stored = true` if that writer stored it meanwhile.
+//! 3. Stream the source in blocks of 1 MiB into the data file at the chunk's offset, hashing
+//!    only when a `sha256:` checksum was given; read at most `expected + 1` bytes.
+//! 4. Verify the length and the checksum. On failure nothing is marked: the chunk stays
+//!    missing and can be resent (its bytes on disk are simply overwritten then).
+//! 5. `fdatasync` the data file: a chunk is never marked before its bytes are durable.
+//! 6. Take the manifest lock, re-read the manifest, mark the chunk, write the manifest
+//!    atomically (write `manifest.json.tmp`, `fdatasync` it, `rename` it over
+//!    `manifest.json`), release the locks.
+//!
+//! The directory is not fsynced after a manifest rename: a crash can lose the latest marks,
+//! which only makes the client resend those chunks; it can never mark bytes that are not on
+//! disk. `create()` fsyncs the new upload directory and the root once, and `complete()`
+//! fsyncs the data file and the directory after renaming `data.part` to `data`, before the
+//! manifest says `complete`.
+//!
+//! # Expiry
+//!
+//! Every successful create, chunk write and completion "touches" the upload:
+//! `expires_at = now + expire_seconds` (`expire_seconds == 0`: never expires, `expires_at`
+//! is then 0). Expired uploads, complete ones included, are `NotFound` for every operation
+//! and removed by [`Store::sweep_expired`], which does real work at most once per 60 s per
+//! root directory (the mtime of `<root>/.sweep`, claimed with a non-blocking OFD lock).
+//! Applications keep a finished file by moving it out of `<root>` before it expires.
+//!
+//! # Fault hook (tests)
+//!
+//! Disk-full handling is tested without a small filesystem through a fault hook: when the
+//! environment variable `UPLOAD_PROGRESS_FAULT_ENOSPC_AFTER=<bytes>` is set when a [`Store`]
+//! is created (or [`Store::set_fault_enospc_after`] is called), every `write_chunk` call of
+//! that store writes at most `<bytes>` bytes of its chunk and then fails as if `pwrite`
+//! returned ENOSPC (the `fallocate` reservation is skipped while the hook is active). The
+//! count restarts with every call, so `0` makes every chunk write fail.
+
+mod error;
+mod id;
+mod manifest;
+mod sys;
+#[cfg(test)]
+mod tests;
+
+pub use error::{StorageError, WHOLE_FILE};
+pub use id::{new_id, valid_id, ID_LEN};
+pub use manifest::UploadState;
+
+use error::{io_error, shorten};
+use manifest::Manifest;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use sys::ByteLock;
+
+/// Smallest chunk size.
+pub const MIN_CHUNK_SIZE: u64 = 1;
+/// Largest chunk size: 2 GiB.
+pub const MAX_CHUNK_SIZE: u64 = 2 << 30;
+/// Most chunks an upload may have (bounds the manifest; pick a larger chunk size instead).
+pub const MAX_CHUNK_COUNT: u64 = 100_000;
+/// Most metadata entries of an upload.
+pub const MAX_METADATA_KEYS: usize = 64;
+/// Longest metadata key, in bytes.
+pub const MAX_METADATA_KEY_BYTES: usize = 128;
+/// Longest metadata value, in bytes.
+pub const MAX_METADATA_VALUE_BYTES: usize = 4096;
+/// Size of the blocks read from a chunk source and written with one `pwrite`.
+pub const BLOCK_SIZE: usize = 1 << 20;
+/// `sweep_expired` does real work at most this often per root directory.
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+/// Environment variable of the disk-full fault hook (see the module documentation).
+pub const FAULT_ENOSPC_ENV: &str = "UPLOAD_PROGRESS_FAULT_ENOSPC_AFTER";
+
+const LOCK: &str = "lock";
+const DATA_PART: &str = "data.part";
+const DATA: &str = "data";
+const SWEEP_STAMP: &str = ".sweep";
+/// A directory without a readable manifest this old is a leftover (crashed create, failed
+/// removal) and is removed by a sweep.
+const ORPHAN_AGE: Duration = Duration::from_secs(3600);
+const MANIFEST_LOCK_BYTE: u64 = 0;
+
+/// Settings of a [`Store`] (from the php.ini directives).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// The storage directory; made absolute, created with mode 0700 when missing.
+    pub root: PathBuf,
+    /// Chunk size of uploads created without one.
+    pub default_chunk_size: u64,
+    /// Largest `total_bytes` accepted by `create`; 0 = unlimited.
+    pub max_upload_size: u64,
+    /// Uploads untouched this long are expired; 0 = never.
+    pub expire_seconds: u64,
+}
+
+/// A directory of uploads. Cheap to build; holds no open files between calls and is `Sync`,
+/// so it may be shared between threads (each call opens its own descriptors).
+#[derive(Debug)]
+pub struct Store {
+    root: PathBuf,
+    default_chunk_size: u64,
+    max_upload_size: u64,
+    expire_seconds: u64,
+    fault_enospc_after: Option<u64>,
+    #[cfg(test)]
+    clock_offset: std::sync::atomic::AtomicU64,
+}
+
+/// State of an upload as returned to PHP (`Upload::status()`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UploadStatus {
+    /// The upload id.
+    pub id: String,
+    /// `uploading`, `complete` or `aborted`.
+    pub state: UploadState,
+    /// Size of the whole file.
+    pub total_bytes: u64,
+    /// Size of every chunk but the last.
+    pub chunk_size: u64,
+    /// Number of chunks.
+    pub chunk_count: u64,
+    /// Chunks durably stored.
+    pub chunks_done: u64,
+    /// Bytes of the chunks durably stored.
+    pub bytes_done: u64,
+    /// Indexes of the chunks not stored yet, ascending.
+    pub missing: Vec<u64>,
+    /// Metadata given at creation.
+    pub metadata: BTreeMap<String, String>,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// Unix seconds; 0 = never expires.
+    pub expires_at: u64,
+    /// Absolute path of the finished file; only once complete.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Expected sha256 (lowercase hex) of the whole file, when one was given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+/// Result of [`Store::write_chunk`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkOutcome {
+    /// Status after the write.
+    pub status: UploadStatus,
+    /// The chunk was already stored (by an earlier or a concurrent call); the source was not read.
+    pub already_stored: bool,
+    /// Bytes this call wrote to the data file (0 when already stored).
+    pub bytes_written: u64,
+}
+
+/// An upload removed by a sweep because it expired.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SweptUpload {
+    /// Its id.
+    pub id: String,
+    /// Its state when it was removed (`Uploading` or `Complete`).
+    pub state: UploadState,
+}
+
+impl Store {
+    /// A store on `opts.root`, creating the directory (mode 0700) when it is missing.
+    pub fn new(opts: StoreOptions) -> Result<Store, StorageError> {
+        check_chunk_size("default chunk_size", opts.default_chunk_size)?;
+        if opts.root.as_os_str().is_empty() {
+            return Err(StorageError::InvalidArgument(
+                "the storage directory is an empty path".to_string(),
+            ));
+        }
+        let root = std::path::absolute(&opts.root)
+            .map_err(|e| io_error("resolving", &opts.root, &e))?;
+        create_root(&root)?;
+        let fault_enospc_after = std::env::var(FAULT_ENOSPC_ENV)
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        Ok(Store {
+            root,
+            default_chunk_size: opts.default_chunk_size,
+            max_upload_size: opts.max_upload_size,
+            expire_seconds: opts.expire_seconds,
+            fault_enospc_after,
+            #[cfg(test)]
+            clock_offset: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    /// The absolute storage directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Sets (or clears) the disk-full fault hook of this store; see the module documentation.
+    #[doc(hidden)]
+    pub fn set_fault_enospc_after(&mut self, bytes: Option<u64>) {
+        self.fault_enospc_after = bytes;
+    }
+
+    /// Creates an upload of `total_bytes` in chunks of `chunk_size` (default: the store's).
+    /// `sha256` is the expected hex digest of the whole file, checked by `complete()`.
+    pub fn create(
+        &self,
+        total_bytes: u64,
+        chunk_size: Option<u64>,
+        metadata: BTreeMap<String, String>,
+        sha256: Option<String>,
+    ) -> Result<UploadStatus, StorageError> {
+        if total_bytes == 0 {
+            return Err(StorageError::InvalidArgument(
+                "total_bytes must be greater than 0, got 0".to_string(),
+            ));
+        }
+        if self.max_upload_size != 0 && total_bytes > self.max_upload_size {
+            return Err(StorageError::TooLarge {
+                size: total_bytes,
+                max: self.max_upload_size,
+            });
+        }
+        let chunk_size = chunk_size.unwrap_or(self.default_chunk_size);
+        check_chunk_size("chunk_size", chunk_size)?;
+        let chunk_count = total_bytes.div_ceil(chunk_size);
+        if chunk_count > MAX_CHUNK_COUNT {
+            return Err(StorageError::InvalidArgument(format!(
+                "an upload of {total_bytes} bytes in chunks of {chunk_size} bytes has \
+                 {chunk_count} chunks, at most {MAX_CHUNK_COUNT} are allowed: use a chunk_size \
+                 of at least {} bytes",
+                total_bytes.div_ceil(MAX_CHUNK_COUNT)
+            )));
+        }
+        let sha256 = sha256.map(|s| parse_hex_sha256(&s, "sha256")).transpose()?;
+        check_metadata(&metadata)?;
+
+        let (id, dir) = self.make_upload_dir()?;
+        let now = self.now();
+        let result = (|| {
+            let lock = dir.join(LOCK);
+            new_file(&lock).map_err(|e| io_error("creating", &lock, &e))?;
+            let data = dir.join(DATA_PART);
+            let f = new_file(&data).map_err(|e| io_error("creating", &data, &e))?;
+            f.set_len(total_bytes).map_err(|e| {
+                io_error(&format!("setting the size to {total_bytes} bytes of"), &data, &e)
+            })?;
+            let m = Manifest::new(
+                &id,
+                total_bytes,
+                chunk_size,
+                chunk_count,
+                metadata,
+                sha256,
+                now,
+                self.expiry_from(now),
+            );
+            manifest::store(&dir, &m)?;
+            sys::sync_dir(&dir).map_err(|e| io_error("syncing", &dir, &e))?;
+            sys::sync_dir(&self.root).map_err(|e| io_error("syncing", &self.root, &e))?;
+            Ok(self.status_of(&m))
+        })();
+        if result.is_err() {
+            let _ = fs::remove_dir_all(&dir);
+        }
+        result
+    }
+
+    /// The status of an existing upload; `NotFound` when unknown, expired or aborted.
+    pub fn open(&self, id: &str) -> Result<UploadStatus, StorageError> {
+        self.status(id)
+    }
+
+    /// The status of an upload (no lock taken, the manifest is replaced atomically).
+    pub fn status(&self, id: &str) -> Result<UploadStatus, StorageError> {
+        let dir = self.upload_dir(id)?;
+        let m = self.load_live(id, &dir)?;
+        Ok(self.status_of(&m))
+    }
+
+    /// Stores chunk `index` from `source`, which must yield exactly the chunk's length
+    /// (`chunk_size`, or what is left for the last chunk). `checksum` is `sha256:<64 hex>`.
+    /// `on_progress(n)` is called after every read from the source with `n`, the bytes of this
+    /// chunk received so far (at most the chunk's length).
+    ///
+    /// A chunk already stored returns at once with `already_stored = true` without reading
+    /// `source`; so does a writer that waited for a concurrent writer of the same chunk.
+    /// Any error leaves the chunk missing: it can be resent.
+    pub fn write_chunk(
+        &self,
+        id: &str,
+        index: u64,
+        source: &mut dyn Read,
+        checksum: Option<&str>,
+        on_progress: &mut dyn FnMut(u64),
+    ) -> Result<ChunkOutcome, StorageError> {
+        let dir = self.upload_dir(id)?;
+        let expected_sha = checksum.map(parse_checksum).transpose()?;
+        let m = self.load_live(id, &dir)?;
+        if index >= m.chunk_count {
+            return Err(StorageError::InvalidChunk(format!(
+                "chunk index {index} is out of range 0..{} for upload {id}",
+                m.chunk_count
+            )));
+        }
+        if m.is_stored(index) {
+            return Ok(self.already_stored(&m));
+        }
+
+        let lock_file = open_lock(&dir, id)?;
+        let _chunk_lock = ByteLock::acquire(&lock_file, 1 + index)
+            .map_err(|e| io_error(&format!("locking chunk {index} in"), &dir.join(LOCK), &e))?;
+        let m = self.load_live(id, &dir)?;
+        if m.is_stored(index) {
+            return Ok(self.already_stored(&m));
+        }
+        let len = m.chunk_len(index);
+        let offset = index * m.chunk_size;
+
+        let data_path = dir.join(DATA_PART);
+        let file = match OpenOptions::new().write(true).open(&data_path) {
+            Ok(f) => f,
+            Err(e) if manifest::is_gone(&e) => return Err(StorageError::NotFound(id.to_string())),
+            Err(e) => return Err(io_error("opening", &data_path, &e)),
+        };
+        let what = format!("writing chunk {index} of upload {id} to");
+        if self.fault_enospc_after.is_none() {
+            sys::reserve(&file, offset, len).map_err(|e| io_error(&what, &data_path, &e))?;
+        }
+        let streamed = stream_chunk(
+            &file,
+            offset,
+            len,
+            source,
+            expected_sha.is_some(),
+            on_progress,
+            self.fault_enospc_after,
+        )
+        .map_err(|e| match e {
+            StreamError::Source(e) => StorageError::Io(format!(
+                "reading the body of chunk {index} of upload {id} failed: {e}"
+            )),
+            StreamError::Write(e) => io_error(&what, &data_path, &e),
+        })?;
+        if streamed.received != len {
+            let got = if streamed.received > len {
+                format!("more than {len}")
+            } else {
+                streamed.received.to_string()
+            };
+            return Err(StorageError::InvalidChunk(format!(
+                "chunk {index} of upload {id} has {got} bytes, expected {len}"
+            )));
+        }
+        if let (Some(expected), Some(actual)) = (&expected_sha, &streamed.sha256) {
+            if expected != actual {
+                return Err(StorageError::ChecksumMismatch {
+                    index,
+                    expected: expected.clone(),
+                    actual: actual.clone(),
+                });
+            }
+        }
+        file.sync_data().map_err(|e| io_error(&what, &data_path, &e))?;
+        drop(file);
+
+        let _manifest_lock = ByteLock::acquire(&lock_file, MANIFEST_LOCK_BYTE)
+            .map_err(|e| io_error("locking the manifest in", &dir.join(LOCK), &e))?;
+        let mut m = self.load_live(id, &dir)?;
+        m.mark_stored(index, streamed.sha256);
+        self.touch(&mut m);
+        manifest::store(&dir, &m)?;
+        Ok(ChunkOutcome {
+            status: self.status_of(&m),
+            already_stored: false,
+            bytes_written: len,
+        })
+    }
+
+    /// Finishes an upload: every chunk must be stored (else `InvalidChunk` listing up to 20
+    /// missing indexes) and the whole file must match the expected sha256 when one was given
+    /// (else `ChecksumMismatch` with `index == WHOLE_FILE`; the upload then stays `uploading`
+    /// with all chunks stored, and only `abort()` is left to do). The data file is fsynced and
+    /// renamed from `data.part` to `data`. Idempotent: a second call returns the same status.
+    pub fn complete(&self, id: &str) -> Result<UploadStatus, StorageError> {
+        let dir = self.upload_dir(id)?;
+        let lock_file = open_lock(&dir, id)?;
+        let _manifest_lock = ByteLock::acquire(&lock_file, MANIFEST_LOCK_BYTE)
+            .map_err(|e| io_error("locking the manifest in", &dir.join(LOCK), &e))?;
+        let mut m = self.load_live(id, &dir)?;
+        if m.state == UploadState::Complete {
+            return Ok(self.status_of(&m));
+        }
+        let missing = m.missing();
+        if !missing.is_empty() {
+            let mut list: Vec<String> = missing.iter().take(20).map(u64::to_string).collect();
+            if missing.len() > 20 {
+                list.push("...".to_string());
+            }
+            return Err(StorageError::InvalidChunk(format!(
+                "upload {id} is missing {} of {} chunks: {}",
+                missing.len(),
+                m.chunk_count,
+                list.join(", ")
+            )));
+        }
+        let part = dir.join(DATA_PART);
+        let done = dir.join(DATA);
+        // A crash between the rename and the manifest update leaves `data` and no `data.part`.
+        let src = if part.exists() { &part } else { &done };
+        let file = File::open(src).map_err(|e| io_error("opening", src, &e))?;
+        let size = file
+            .metadata()
+            .map_err(|e| io_error("reading the size of", src, &e))?
+            .len();
+        if size != m.total_bytes {
+            return Err(StorageError::Io(format!(
+                "data file {} of upload {id} has {size} bytes, expected {}",
+                src.display(),
+                m.total_bytes
+            )));
+        }
+        if let Some(expected) = &m.sha256 {
+            let actual = hash_file(&file).map_err(|e| io_error("reading", src, &e))?;
+            if &actual != expected {
+                return Err(StorageError::ChecksumMismatch {
+                    index: WHOLE_FILE,
+                    expected: expected.clone(),
+                    actual,
+                });
+            }
+        }
+        file.sync_all().map_err(|e| io_error("syncing", src, &e))?;
+        drop(file);
+        if src == &part {
+            fs::rename(&part, &done).map_err(|e| io_error("renaming", &part, &e))?;
+            sys::sync_dir(&dir).map_err(|e| io_error("syncing", &dir, &e))?;
+        }
+        m.state = UploadState::Complete;
+        m.path = Some(done.to_string_lossy().into_owned());
+        self.touch(&mut m);
+        manifest::store(&dir, &m)?;
+        Ok(self.status_of(&m))
+    }
+
+    /// Removes an upload (complete or not) and its directory. `NotFound` when it does not
+    /// exist (or expired, or was already aborted). Concurrent readers see state `aborted` or
+    /// `NotFound`; a concurrent chunk writer fails with `NotFound` instead of marking.
+    pub fn abort(&self, id: &str) -> Result<(), StorageError> {
+        let dir = self.upload_dir(id)?;
+        let lock_file = open_lock(&dir, id)?;
+        {
+            let manifest_lock = ByteLock::acquire(&lock_file, MANIFEST_LOCK_BYTE)
+                .map_err(|e| io_error("locking the manifest in", &dir.join(LOCK), &e))?;
+            let Some(mut m) = manifest::load(&dir, id)? else {
+                return Err(StorageError::NotFound(id.to_string()));
+            };
+            let gone = m.state == UploadState::Aborted || m.is_expired(self.now());
+            m.state = UploadState::Aborted;
+            if manifest::store(&dir, &m).is_err() {
+                // No space for a new manifest: unlinking the old one commits the abort too.
+                let path = dir.join(manifest::MANIFEST);
+                fs::remove_file(&path).map_err(|e| io_error("removing", &path, &e))?;
+            }
+            if gone {
+                drop(manifest_lock);
+                drop(lock_file);
+                let _ = fs::remove_dir_all(&dir);
+                return Err(StorageError::NotFound(id.to_string()));
+            }
+        }
+        // Removed after unlocking and closing the lock file (NFS cannot remove open files).
+        // Should it fail, the manifest says `aborted` and the next sweep retries.
+        drop(lock_file);
+        let _ = fs::remove_dir_all(&dir);
+        Ok(())
+    }
+
+    /// Removes expired uploads and returns their ids (so that `failed`/`expired` can be
+    /// published). Cheap: does real work at most once per 60 s per root directory, across
+    /// all processes and hosts sharing it; otherwise returns an empty list at once.
+    /// Also removes leftovers of aborted uploads and directories without a manifest that are
+    /// older than an hour (those are not returned).
+    pub fn sweep_expired(&self) -> Vec<String> {
+        self.sweep_expired_detailed()
+            .into_iter()
+            .map(|s| s.id)
+            .collect()
+    }
+
+    /// [`Store::sweep_expired`] with the state each expired upload had (`Uploading` or
+    /// `Complete`).
+    pub fn sweep_expired_detailed(&self) -> Vec<SweptUpload> {
+        self.sweep(false)
+    }
+
+    /// Bytes available to this user on the filesystem of the storage directory (statvfs).
+    pub fn free_space(&self) -> Option<u64> {
+        sys::free_space(&self.root)
+    }
+
+    // ---- internals ----
+
+    fn sweep(&self, force: bool) -> Vec<SweptUpload> {
+        let stamp = self.root.join(SWEEP_STAMP);
+        if !force && swept_recently(&stamp) {
+            return Vec::new();
+        }
+        let Ok(stamp_file) = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&stamp)
+        else {
+            return Vec::new();
+        };
+        let Ok(Some(_sweep_lock)) = ByteLock::try_acquire(&stamp_file, 0) else {
+            return Vec::new(); // another process is sweeping right now
+        };
+        if !force && swept_recently(&stamp) {
+            return Vec::new();
+        }
+        let _ = stamp_file.set_modified(SystemTime::now());
+        let Ok(entries) = fs::read_dir(&self.root) else {
+            return Vec::new();
+        };
+        let mut swept = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(id) = name.to_str().filter(|n| valid_id(n)) else {
+                continue;
+            };
+            if let Some(s) = self.sweep_one(id, &entry.path()) {
+                swept.push(s);
+            }
+        }
+        swept
+    }
+
+    fn sweep_one(&self, id: &str, dir: &Path) -> Option<SweptUpload> {
+        match manifest::load(dir, id) {
+            Ok(Some(m)) if m.state == UploadState::Aborted => {
+                let _ = fs::remove_dir_all(dir);
+                None
+            }
+            Ok(Some(m)) if m.is_expired(self.now()) => {
+                let lock_file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(dir.join(LOCK))
+                    .ok()?;
+                let state = {
+                    let _l = ByteLock::acquire(&lock_file, MANIFEST_LOCK_BYTE).ok()?;
+                    let mut m = manifest::load(dir, id).ok()??;
+                    if !m.is_expired(self.now()) || m.state == UploadState::Aborted {
+                        return None; // touched (or aborted) meanwhile
+                    }
+                    let state = m.state;
+                    m.state = UploadState::Aborted;
+                    if manifest::store(dir, &m).is_err() {
+                        fs::remove_file(dir.join(manifest::MANIFEST)).ok()?;
+                    }
+                    state
+                };
+                drop(lock_file);
+                let _ = fs::remove_dir_all(dir);
+                Some(SweptUpload {
+                    id: id.to_string(),
+                    state,
+                })
+            }
+            Ok(Some(_)) => None,
+            Ok(None) | Err(_) => {
+                let old = fs::metadata(dir)
+                    .ok()
+                    .and_then(|md| md.modified().ok())
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age >= ORPHAN_AGE);
+                if old {
+                    let _ = fs::remove_dir_all(dir);
+                }
+                None
+            }
+        }
+    }
+
+    fn upload_dir(&self, id: &str) -> Result<PathBuf, StorageError> {
+        if valid_id(id) {
+            Ok(self.root.join(id))
+        } else {
+            Err(StorageError::InvalidId(shorten(id)))
+        }
+    }
+
+    /// The manifest of a live upload: `NotFound` when missing, aborted or expired.
+    fn load_live(&self, id: &str, dir: &Path) -> Result<Manifest, StorageError> {
+        match manifest::load(dir, id)? {
+            Some(m) if m.state != UploadState::Aborted && !m.is_expired(self.now()) => Ok(m),
+            _ => Err(StorageError::NotFound(id.to_string())),
+        }
+    }
+
+    fn make_upload_dir(&self) -> Result<(String, PathBuf), StorageError> {
+        let mut last_err = None;
+        for _ in 0..8 {
+            let id = new_id();
+            let dir = self.root.join(&id);
+            match DirBuilder::new().mode(0o700).create(&dir) {
+                Ok(()) => return Ok((id, dir)),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    // The root was removed behind our back (tmp cleaners): make it again.
+                    create_root(&self.root)?;
+                    last_err = Some(e);
+                }
+                Err(e) => return Err(io_error("creating", &dir, &e)),
+            }
+        }
+        let e = last_err.unwrap_or_else(|| io::Error::other("no free upload id"));
+        Err(io_error("creating an upload directory in", &self.root, &e))
+    }
+
+    fn already_stored(&self, m: &Manifest) -> ChunkOutcome {
+        ChunkOutcome {
+            status: self.status_of(m),
+            already_stored: true,
+            bytes_written: 0,
+        }
+    }
+
+    fn status_of(&self, m: &Manifest) -> UploadStatus {
+        let missing = m.missing();
+        let chunks_done = m.chunk_count - missing.len() as u64;
+        let mut bytes_done = chunks_done * m.chunk_size;
+        let last = m.chunk_count - 1;
+        if m.is_stored(last) {
+            bytes_done = bytes_done - m.chunk_size + m.chunk_len(last);
+        }
+        UploadStatus {
+            id: m.id.clone(),
+            state: m.state,
+            total_bytes: m.total_bytes,
+            chunk_size: m.chunk_size,
+            chunk_count: m.chunk_count,
+            chunks_done,
+            bytes_done,
+            missing,
+            metadata: m.metadata.clone(),
+            created_at: m.created_at,
+            expires_at: m.expires_at,
+            path: m.path.clone(),
+            sha256: m.sha256.clone(),
+        }
+    }
+
+    fn touch(&self, m: &mut Manifest) {
+        let now = self.now();
+        m.touched_at = now;
+        m.expires_at = self.expiry_from(now);
+    }
+
+    fn expiry_from(&self, now: u64) -> u64 {
+        if self.expire_seconds == 0 {
+            0
+        } else {
+            now.saturating_add(self.expire_seconds)
+        }
+    }
+
+    fn now(&self) -> u64 {
+        #[cfg(test)]
+        let offset = self.clock_offset.load(std::sync::atomic::Ordering::Relaxed);
+        #[cfg(not(test))]
+        let offset = 0;
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+            + offset
+    }
+}
+
+fn create_root(root: &Path) -> Result<(), StorageError> {
+    match DirBuilder::new().recursive(true).mode(0o700).create(root) {
+        Ok(()) => Ok(()),
+        Err(e) => Err(io_error("creating the storage directory", root, &e)),
+    }
+}
+
+fn new_file(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+}
+
+fn open_lock(dir: &Path, id: &str) -> Result<File, StorageError> {
+    let path = dir.join(LOCK);
+    match OpenOptions::new().read(true).write(true).open(&path) {
+        Ok(f) => Ok(f),
+        Err(e) if manifest::is_gone(&e) => Err(StorageError::NotFound(id.to_string())),
+        Err(e) => Err(io_error("opening", &path, &e)),
+    }
+}
+
+fn swept_recently(stamp: &Path) -> bool {
+    let Ok(mtime) = fs::metadata(stamp).and_then(|m| m.modified()) else {
+        return false;
+    };
+    match mtime.elapsed() {
+        Ok(age) => age < SWEEP_INTERVAL,
+        Err(future) => future.duration() < SWEEP_INTERVAL, // small clock skew between hosts
+    }
+}
+
+fn check_chunk_size(what: &str, size: u64) -> Result<(), StorageError> {
+    if (MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&size) {
+        Ok(())
+    } else {
+        Err(StorageError::InvalidArgument(format!(
+            "{what} {size} is out of range {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE}"
+        )))
+    }
+}
+
+fn check_metadata(metadata: &BTreeMap<String, String>) -> Result<(), StorageError> {
+    if metadata.len() > MAX_METADATA_KEYS {
+        return Err(StorageError::InvalidArgument(format!(
+            "metadata has {} keys, at most {MAX_METADATA_KEYS} are allowed",
+            metadata.len()
+        )));
+    }
+    for (k, v) in metadata {
+        if k.is_empty() {
+            return Err(StorageError::InvalidArgument(
+                "metadata key \"\" is empty".to_string(),
+            ));
+        }
+        if k.len() > MAX_METADATA_KEY_BYTES {
+            return Err(StorageError::InvalidArgument(format!(
+                "metadata key {:?} has {} bytes, at most {MAX_METADATA_KEY_BYTES} are allowed",
+                shorten(k),
+                k.len()
+            )));
+        }
+        if v.len() > MAX_METADATA_VALUE_BYTES {
+            return Err(StorageError::InvalidArgument(format!(
+                "metadata value of key {k:?} has {} bytes, at most {MAX_METADATA_VALUE_BYTES} are allowed",
+                v.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `sha256:<64 hex>` (hex in any case) to lowercase hex.
+fn parse_checksum(checksum: &str) -> Result<String, StorageError> {
+    let bad = || {
+        StorageError::InvalidArgument(format!(
+            "checksum {:?} is not of the form sha256:<64 hex digits>",
+            shorten(checksum)
+        ))
+    };
+    let (algo, hex) = checksum.split_once(':').ok_or_else(bad)?;
+    if !algo.eq_ignore_ascii_case("sha256") {
+        return Err(bad());
+    }
+    parse_hex_sha256(hex, "checksum").map_err(|_| bad())
+}
+
+fn parse_hex_sha256(s: &str, what: &str) -> Result<String, StorageError> {
+    if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(s.to_ascii_lowercase())
+    } else {
+        Err(StorageError::InvalidArgument(format!(
+            "{what} {:?} is not 64 hex digits",
+            shorten(s)
+        )))
+    }
+}
+
+struct Streamed {
+    received: u64,
+    sha256: Option<String>,
+}
+
+enum StreamError {
+    Source(io::Error),
+    Write(io::Error),
+}
+
+/// Copies at most `len + 1` bytes from `source` into `file` at `offset`, never writing past
+/// `offset + len`. Returns how many bytes the source had (`len + 1` meaning "too many").
+fn stream_chunk(
+    file: &File,
+    offset: u64,
+    len: u64,
+    source: &mut dyn Read,
+    hash: bool,
+    on_progress: &mut dyn FnMut(u64),
+    fault_enospc_after: Option<u64>,
+) -> Result<Streamed, StreamError> {
+    let limit = len + 1;
+    let block = usize::try_from(limit).map_or(BLOCK_SIZE, |l| l.min(BLOCK_SIZE));
+    let mut buf = vec![0u8; block];
+    let mut hasher = hash.then(Sha256::new);
+    let mut received = 0u64;
+    let mut written = 0u64;
+    loop {
+        // Fill the block (the source may return less than asked for).
+        let mut filled = 0usize;
+        let mut eof = false;
+        while filled < buf.len() && received < limit {
+            let room = buf.len() - filled;
+            let want = usize::try_from(limit - received).map_or(room, |r| r.min(room));
+            match source.read(&mut buf[filled..filled + want]) {
+                Ok(0) => {
+                    eof = true;
+                    break;
+                }
+                Ok(n) => {
+                    filled += n;
+                    received += n as u64;
+                    on_progress(received.min(len));
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(StreamError::Source(e)),
+            }
+        }
+        let writable = usize::try_from(len - written).map_or(filled, |r| r.min(filled));
+        if writable > 0 {
+            let bytes = &buf[..writable];
+            if let Some(h) = hasher.as_mut() {
+                h.update(bytes);
+            }
+            write_block(file, bytes, offset + written, written, fault_enospc_after)
+                .map_err(StreamError::Write)?;
+            written += writable as u64;
+        }
+        if eof || received >= limit {
+            break;
+        }
+    }
+    Ok(Streamed {
+        received,
+        sha256: hasher.map(|h| hex::encode(h.finalize())),
+    })
+}
+
+fn write_block(
+    file: &File,
+    bytes: &[u8],
+    at: u64,
+    written_before: u64,
+    fault_enospc_after: Option<u64>,
+) -> io::Result<()> {
+    if let Some(limit) = fault_enospc_after {
+        if written_before + bytes.len() as u64 > limit {
+            let allowed = usize::try_from(limit.saturating_sub(written_before))
+                .map_or(bytes.len(), |a| a.min(bytes.len()));
+            file.write_all_at(&bytes[..allowed], at)?;
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+    }
+    file.write_all_at(bytes, at)
+}
+
+fn hash_file(file: &File) -> io::Result<String> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; BLOCK_SIZE];
+    let mut reader = file;
+    loop {
+        match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => h.update(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(hex::encode(h.finalize()))
+}
