@@ -12,11 +12,11 @@ pub mod secret;
 pub mod storage;
 
 use ext_php_rs::prelude::*;
-use php::{errors, functions, hub as php_hub, info, module, upload};
+use php::{errors, hub as php_hub, info, module, upload};
 
 #[php_module]
 pub fn get_module(builder: ModuleBuilder) -> ModuleBuilder {
-    builder
+    php::functions::register(builder)
         .startup_function(module::startup)
         .shutdown_function(module::shutdown)
         .request_startup_function(module::request_startup)
@@ -29,9 +29,4 @@ pub fn get_module(builder: ModuleBuilder) -> ModuleBuilder {
         .class::<errors::StorageException>()
         .class::<upload::Upload>()
         .class::<php_hub::Hub>()
-        .function(wrap_function!(functions::version))
-        .function(wrap_function!(functions::publish))
-        .function(wrap_function!(functions::auth))
-        .function(wrap_function!(functions::progress))
-        .function(wrap_function!(functions::hub_status))
 }

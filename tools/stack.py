@@ -498,6 +498,19 @@ http {{
     send_timeout 600s;
     large_client_header_buffers 4 64k;
 
+    # 1 when the raw request URI is under /api (whatever its normalised form); not for the
+    # internal redirect of error_page (/__bad_request).
+    map $request_uri $raw_api {{
+        "~^/api(/|\\?|$)" 1;
+        default 0;
+    }}
+    map "$raw_api$uri" $api_front {{
+        volatile;
+        "1/__bad_request" 0;
+        "~^1" 1;
+        default 0;
+    }}
+
     map $http_upgrade $connection_upgrade {{
         default upgrade;
         ''      close;
@@ -512,7 +525,7 @@ http {{
 
         # Every request whose raw URI starts with /api goes to the front controller,
         # whatever the normalised path would be (/api/../x, %2F, ...).
-        if ($request_uri ~ "^/api(/|\\?|$)") {{
+        if ($api_front) {{
             rewrite ^ /__api_front last;
         }}
         location = /__api_front {{
@@ -528,8 +541,9 @@ http {{
         location = /api.php {{ return 404; }}
 
         # Errors nginx detects itself before any location (malformed request line ...)
-        error_page 400 = @client_error;
-        location @client_error {{
+        error_page 400 /__bad_request;
+        location = /__bad_request {{
+            internal;
             default_type application/json;
             return 400 '{{"error":"malformed request"}}';
         }}

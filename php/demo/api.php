@@ -274,7 +274,7 @@ function create_upload(): void
     $in = json_body();
 
     $size = $in['size'] ?? null;
-    if (is_string($size) && preg_match('/^\d{1,19}$/', $size) === 1 && bccomp_gt($size, (string)PHP_INT_MAX)) {
+    if (is_string($size) && preg_match('/^\d+$/', $size) === 1 && bccomp_gt($size, (string)PHP_INT_MAX)) {
         throw new HttpError(413, sprintf('size %s is over the largest size this server accepts', $size));
     }
     if (!is_int($size)) {

@@ -117,7 +117,11 @@ function addRow(upload) {
     schedule();
     refreshResumable();
   });
-  upload.addEventListener('progress', schedule);
+  upload.addEventListener('progress', (e) => {
+    const counts = window.uploadDemo.progressSources;
+    counts[e.detail.source] = (counts[e.detail.source] ?? 0) + 1;
+    schedule();
+  });
   upload.addEventListener('state', schedule);
   upload.addEventListener('complete', () => { schedule(); refreshResumable(); });
   upload.addEventListener('error', (e) => {
@@ -157,7 +161,7 @@ function refreshResumable() {
 // start
 // -------------------------------------------------------------------------------------
 const client = await createClient({ ...uploadOptions });
-window.uploadDemo = { client, uploads: [], options: uploadOptions };
+window.uploadDemo = { client, uploads: [], options: uploadOptions, progressSources: {} };
 if (client.socket) {
   showSocketState(client.socket.state);
   client.addEventListener('socketstate', (e) => showSocketState(e.detail.current));

@@ -207,7 +207,12 @@ async fn handle(hub: Arc<Hub>, mut s: TcpStream) {
     let deadline = tokio::time::Instant::now() + hub.tun.handshake_timeout;
     let req = match tokio::time::timeout_at(deadline, read_head(&mut s)).await {
         Err(_) => {
-            respond_json(&mut s, 408, &error_body("request head not received in time")).await;
+            respond_json(
+                &mut s,
+                408,
+                &error_body("request head not received in time"),
+            )
+            .await;
             return;
         }
         Ok(Err(HeadError::Closed)) => return,
@@ -459,7 +464,10 @@ fn check_event(e: ApiEvent) -> Result<Checked, (u16, String)> {
     if channels.len() > MAX_EVENT_CHANNELS {
         return Err((
             400,
-            format!("{} channels: at most {MAX_EVENT_CHANNELS} per event", channels.len()),
+            format!(
+                "{} channels: at most {MAX_EVENT_CHANNELS} per event",
+                channels.len()
+            ),
         ));
     }
     for c in &channels {
@@ -473,7 +481,10 @@ fn check_event(e: ApiEvent) -> Result<Checked, (u16, String)> {
     if data.len() > MAX_EVENT_DATA {
         return Err((
             413,
-            format!("event data of {} bytes: at most {MAX_EVENT_DATA}", data.len()),
+            format!(
+                "event data of {} bytes: at most {MAX_EVENT_DATA}",
+                data.len()
+            ),
         ));
     }
     let exclude = match e.socket_id {
@@ -550,7 +561,10 @@ async fn events_api(
     if events.len() > MAX_BATCH {
         return (
             400,
-            error_body(&format!("{} events: at most {MAX_BATCH} per batch", events.len())),
+            error_body(&format!(
+                "{} events: at most {MAX_BATCH} per batch",
+                events.len()
+            )),
         );
     }
     let mut checked = Vec::with_capacity(events.len());
@@ -589,17 +603,72 @@ pub(crate) fn metrics_text(hub: &Hub) -> String {
     };
     let m = &hub.m;
     let rows: [(&str, &str, &str, u64); 11] = [
-        ("connections", "gauge", "Open WebSocket connections.", Metrics::get(&m.connections)),
-        ("subscriptions", "gauge", "Channel subscriptions of all connections.", subscriptions as u64),
-        ("channels", "gauge", "Channels with at least one subscriber.", channels as u64),
-        ("retained_channels", "gauge", "Channels known to the hub, including those that only keep a latest event.", retained as u64),
-        ("events_in_total", "counter", "Events received for delivery (ingest, HTTP API, upload reports).", Metrics::get(&m.events_in)),
-        ("events_out_total", "counter", "Event messages queued to WebSocket connections.", Metrics::get(&m.events_out)),
-        ("events_dropped_total", "counter", "Events dropped: stale seq, invalid, slow consumers, dropped by PHP processes.", Metrics::get(&m.events_dropped)),
-        ("slow_consumer_evictions_total", "counter", "Connections closed because their send queue was full.", Metrics::get(&m.evictions)),
-        ("ingest_connections", "gauge", "Open connections on the ingest socket.", Metrics::get(&m.ingest_connections)),
-        ("ingest_errors_total", "counter", "Ingest connections closed for a malformed frame or a foreign uid.", Metrics::get(&m.ingest_errors)),
-        ("uptime_seconds", "gauge", "Seconds since the hub started.", hub.uptime_s()),
+        (
+            "connections",
+            "gauge",
+            "Open WebSocket connections.",
+            Metrics::get(&m.connections),
+        ),
+        (
+            "subscriptions",
+            "gauge",
+            "Channel subscriptions of all connections.",
+            subscriptions as u64,
+        ),
+        (
+            "channels",
+            "gauge",
+            "Channels with at least one subscriber.",
+            channels as u64,
+        ),
+        (
+            "retained_channels",
+            "gauge",
+            "Channels known to the hub, including those that only keep a latest event.",
+            retained as u64,
+        ),
+        (
+            "events_in_total",
+            "counter",
+            "Events received for delivery (ingest, HTTP API, upload reports).",
+            Metrics::get(&m.events_in),
+        ),
+        (
+            "events_out_total",
+            "counter",
+            "Event messages queued to WebSocket connections.",
+            Metrics::get(&m.events_out),
+        ),
+        (
+            "events_dropped_total",
+            "counter",
+            "Events dropped: stale seq, invalid, slow consumers, dropped by PHP processes.",
+            Metrics::get(&m.events_dropped),
+        ),
+        (
+            "slow_consumer_evictions_total",
+            "counter",
+            "Connections closed because their send queue was full.",
+            Metrics::get(&m.evictions),
+        ),
+        (
+            "ingest_connections",
+            "gauge",
+            "Open connections on the ingest socket.",
+            Metrics::get(&m.ingest_connections),
+        ),
+        (
+            "ingest_errors_total",
+            "counter",
+            "Ingest connections closed for a malformed frame or a foreign uid.",
+            Metrics::get(&m.ingest_errors),
+        ),
+        (
+            "uptime_seconds",
+            "gauge",
+            "Seconds since the hub started.",
+            hub.uptime_s(),
+        ),
     ];
     let mut out = String::with_capacity(2048);
     for (name, kind, help, v) in rows {
@@ -625,7 +694,9 @@ mod tests {
         assert_eq!(r.ws_key.as_deref(), Some("abc"));
         assert_eq!(r.origin.as_deref(), Some("http://a"));
         assert_eq!(r.rest, b"XY");
-        assert!(parse_head(b"GET / HTTP/1.1\r\nHost: x\r\n").unwrap().is_none());
+        assert!(parse_head(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            .unwrap()
+            .is_none());
         assert!(parse_head(b"\x00\x01garbage\r\n\r\n").is_err());
         assert!(parse_head(b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n").is_err());
     }

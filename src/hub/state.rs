@@ -328,7 +328,10 @@ pub(crate) fn upload_channel(upload_id: &str) -> String {
 impl State {
     /// Channels with at least one subscriber.
     pub fn channel_count(&self) -> usize {
-        self.channels.values().filter(|c| !c.subs.is_empty()).count()
+        self.channels
+            .values()
+            .filter(|c| !c.subs.is_empty())
+            .count()
     }
 
     /// Channels known, including those that only keep a latest event.
@@ -429,11 +432,8 @@ impl State {
             data = serde_json::json!({"presence": {"ids": ids, "hash": hash, "count": p.members.len()}})
                 .to_string();
             if let Some(added) = added {
-                let text = Utf8Bytes::from(frame(
-                    "pusher_internal:member_added",
-                    Some(channel),
-                    &added,
-                ));
+                let text =
+                    Utf8Bytes::from(frame("pusher_internal:member_added", Some(channel), &added));
                 let n = fan_out(ctx, ch, &text, Some((conn.id, conn.rand)));
                 self.subscriptions = self.subscriptions.saturating_sub(n);
             }
@@ -703,8 +703,7 @@ impl State {
         let mut freed = 0usize;
         self.channels.retain(|_, c| {
             let keep = !c.subs.is_empty()
-                || (c.latest.is_some()
-                    && now.saturating_duration_since(c.last_event) < retention);
+                || (c.latest.is_some() && now.saturating_duration_since(c.last_event) < retention);
             if !keep {
                 freed += c.latest.as_ref().map_or(0, |l| l.len());
             }
@@ -737,7 +736,12 @@ impl State {
 
 /// Queues `text` to every subscriber of `ch` but `exclude`; returns how many
 /// subscribers were evicted as slow consumers (already removed from `ch`).
-fn fan_out(ctx: &Ctx<'_>, ch: &mut Channel, text: &Utf8Bytes, exclude: Option<(u64, u32)>) -> usize {
+fn fan_out(
+    ctx: &Ctx<'_>,
+    ch: &mut Channel,
+    text: &Utf8Bytes,
+    exclude: Option<(u64, u32)>,
+) -> usize {
     let mut evicted: Vec<u64> = Vec::new();
     let mut sent = 0u64;
     for (id, c) in &ch.subs {

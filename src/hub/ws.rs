@@ -46,11 +46,7 @@ pub(crate) fn error_frame(code: u16, message: &str) -> Utf8Bytes {
 
 fn subscription_error(channel: &str, kind: &str, error: &str, status: u16) -> Utf8Bytes {
     let data = serde_json::json!({ "type": kind, "error": error, "status": status });
-    Utf8Bytes::from(frame_obj(
-        "pusher:subscription_error",
-        Some(channel),
-        &data,
-    ))
+    Utf8Bytes::from(frame_obj("pusher:subscription_error", Some(channel), &data))
 }
 
 /// Registers a new connection; None when `max_connections` is reached.

@@ -4,15 +4,55 @@
 use crate::storage::StorageError;
 use ext_php_rs::exception::PhpException;
 use ext_php_rs::prelude::*;
+use ext_php_rs::class::RegisteredClass;
 use ext_php_rs::zend::{ce, ClassEntry};
+use std::ffi::CStr;
 
-/// `\RuntimeException` (SPL, registered before any extension starts).
-pub fn runtime_exception() -> &'static ClassEntry {
-    ClassEntry::try_find("RuntimeException").unwrap_or_else(ce::exception)
+/// An SPL class entry (`spl_ce_*` globals; SPL starts before any extension).
+/// Looked up with dlsym: EG(class_table) is not set up yet during MINIT.
+fn spl_class(symbol: &CStr) -> &'static ClassEntry {
+    // SAFETY: the symbol, if present, is a `zend_class_entry *` global.
+    unsafe {
+        let slot = libc::dlsym(libc::RTLD_DEFAULT, symbol.as_ptr()) as *const *const ClassEntry;
+        if slot.is_null() || (*slot).is_null() {
+            return ce::exception();
+        }
+        &**slot
+    }
 }
 
+/// `\RuntimeException`.
+pub fn runtime_exception() -> &'static ClassEntry {
+    spl_class(c"spl_ce_RuntimeException")
+}
+
+/// `\InvalidArgumentException`.
 pub fn invalid_argument_exception() -> &'static ClassEntry {
-    ClassEntry::try_find("InvalidArgumentException").unwrap_or_else(ce::exception)
+    spl_class(c"spl_ce_InvalidArgumentException")
+}
+
+/// ext-php-rs gives every class a `__construct` that refuses `new` when the
+/// Rust type has no constructor; exceptions must take `\Exception`'s own
+/// (message, code, previous). `new` asks `ce->constructor`, so pointing it at
+/// the parent's is enough. Runs once, after the classes are registered.
+pub fn use_parent_constructors() {
+    fn fix(ce: &'static ClassEntry) {
+        let ce = ce as *const ClassEntry as *mut ClassEntry;
+        // SAFETY: our registered class entries; their parent is set at
+        // registration and lives as long as the engine.
+        unsafe {
+            let parent = (*ce).__bindgen_anon_1.parent;
+            if !parent.is_null() {
+                (*ce).constructor = (*parent).constructor;
+            }
+        }
+    }
+    // Parents first, so that children copy the fixed constructor.
+    fix(Exception::get_metadata().ce());
+    fix(NotFoundException::get_metadata().ce());
+    fix(InvalidChunkException::get_metadata().ce());
+    fix(ChecksumMismatchException::get_metadata().ce());
+    fix(StorageException::get_metadata().ce());
 }
 
 /// `UploadProgress\Exception`: the base of everything this extension throws.

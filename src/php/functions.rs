@@ -13,6 +13,16 @@ use std::time::Duration;
 /// Largest `data` of one event, as Pusher allows.
 pub const MAX_EVENT_DATA: usize = 10 * 1024;
 
+/// Adds this module's functions (the macro's wrappers are private to it).
+pub fn register(builder: ModuleBuilder<'_>) -> ModuleBuilder<'_> {
+    builder
+        .function(wrap_function!(version))
+        .function(wrap_function!(publish))
+        .function(wrap_function!(auth))
+        .function(wrap_function!(progress))
+        .function(wrap_function!(hub_status))
+}
+
 /// Semver of the extension.
 #[php_function]
 #[php(name = "UploadProgress\\version")]

@@ -21,8 +21,15 @@ pub extern "C" fn shutdown(_ty: i32, _module_number: i32) -> i32 {
     0
 }
 
+static CLASSES_FIXED: std::sync::Once = std::sync::Once::new();
+
 pub extern "C" fn request_startup(_ty: i32, _module_number: i32) -> i32 {
-    let _ = catch_unwind(recorder::request_startup);
+    let _ = catch_unwind(|| {
+        // Class entries are registered after our MINIT callback returns, so the
+        // first request (once per process, before any script) finishes them.
+        CLASSES_FIXED.call_once(crate::php::errors::use_parent_constructors);
+        recorder::request_startup();
+    });
     0
 }
 

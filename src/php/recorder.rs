@@ -312,12 +312,12 @@ pub fn uninstall_hooks() {
     unsafe {
         if !syms.sapi_module.is_null() {
             let module = &mut *syms.sapi_module;
-            if module.read_post == Some(read_post_wrapper as sapi::ReadPostFn) {
+            if module.read_post.map(|f| f as usize) == Some(read_post_wrapper as *const () as usize) {
                 module.read_post = ORIGINAL_READ_POST.get().copied().flatten();
             }
         }
         if !syms.rfc1867_callback.is_null()
-            && *syms.rfc1867_callback == Some(rfc1867_wrapper as sapi::Rfc1867Fn)
+            && (*syms.rfc1867_callback).map(|f| f as usize) == Some(rfc1867_wrapper as *const () as usize)
         {
             *syms.rfc1867_callback = ORIGINAL_RFC1867.get().copied().flatten();
         }

@@ -101,8 +101,12 @@ fn mac(secret: &str, payload: &str) -> HmacSha256 {
 
 /// Validates the `channel_data` of a presence channel and returns its user id.
 pub fn presence_user_id(channel_data: &str) -> Result<String, String> {
-    let v: serde_json::Value = serde_json::from_str(channel_data)
-        .map_err(|e| format!("invalid channel_data {:?}: not JSON ({e})", truncate(channel_data, 60)))?;
+    let v: serde_json::Value = serde_json::from_str(channel_data).map_err(|e| {
+        format!(
+            "invalid channel_data {:?}: not JSON ({e})",
+            truncate(channel_data, 60)
+        )
+    })?;
     let id = match v.get("user_id") {
         Some(serde_json::Value::String(s)) if !s.is_empty() => s.clone(),
         Some(serde_json::Value::Number(n)) => n.to_string(),
@@ -267,8 +271,15 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["channel_data"], data);
         let auth = v["auth"].as_str().unwrap();
-        verify_channel_auth(KEY, SECRET, "1234.1234", "presence-foobar", Some(data), auth)
-            .unwrap();
+        verify_channel_auth(
+            KEY,
+            SECRET,
+            "1234.1234",
+            "presence-foobar",
+            Some(data),
+            auth,
+        )
+        .unwrap();
         assert!(channel_auth(KEY, SECRET, "1234.1234", "presence-foobar", None).is_err());
         assert!(channel_auth(KEY, SECRET, "1234.1234", "presence-x", Some("{}")).is_err());
         assert!(channel_auth(KEY, SECRET, "1234.1234", "presence-x", Some("nope")).is_err());

@@ -8,7 +8,7 @@ use std::path::Path;
 ///
 /// Payload conventions (the PHP wrapper maps the variants to exceptions):
 /// - `InvalidId(id)` and `NotFound(id)` carry the upload id as given (`InvalidId` shortens ids
-///   longer than 64 bytes); `Display` builds the sentence.
+///   longer than 128 bytes); `Display` builds the sentence.
 /// - `InvalidArgument`, `InvalidChunk`, `NoSpace` and `Io` carry the complete, human readable
 ///   message, which names the offending value.
 /// - `ChecksumMismatch` with `index == u64::MAX` ([`WHOLE_FILE`]) is the whole-file sha256 check
@@ -55,7 +55,10 @@ impl fmt::Display for StorageError {
                 write!(f, "upload id {id:?} is not 26 characters of [0-9a-z]")
             }
             StorageError::NotFound(id) => {
-                write!(f, "upload {id} does not exist (unknown, expired or aborted)")
+                write!(
+                    f,
+                    "upload {id} does not exist (unknown, expired or aborted)"
+                )
             }
             StorageError::InvalidArgument(m)
             | StorageError::InvalidChunk(m)
@@ -105,9 +108,9 @@ pub(crate) fn io_error(what: &str, path: &Path, e: &io::Error) -> StorageError {
     }
 }
 
-/// Shortens a user-supplied string for an error message (at most 64 bytes, on a char boundary).
+/// Shortens a user-supplied string for an error message (at most 128 bytes, on a char boundary).
 pub(crate) fn shorten(s: &str) -> String {
-    const MAX: usize = 64;
+    const MAX: usize = 128;
     if s.len() <= MAX {
         return s.to_string();
     }

@@ -91,6 +91,7 @@ impl Manifest {
 
     fn check(&self, id: &str, path: &Path) -> Result<(), StorageError> {
         let count_ok = self.chunk_size > 0
+            && self.total_bytes > 0
             && self.chunk_count == self.total_bytes.div_ceil(self.chunk_size)
             && self.stored.len() as u64 == self.chunk_count
             && self.stored.bytes().all(|b| b == b'0' || b == b'1');
@@ -147,9 +148,8 @@ pub(crate) fn load(dir: &Path, id: &str) -> Result<Option<Manifest>, StorageErro
         Err(e) if is_gone(&e) => return Ok(None),
         Err(e) => return Err(io_error("reading", &path, &e)),
     };
-    let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| {
-        StorageError::Io(format!("manifest {} is not valid: {e}", path.display()))
-    })?;
+    let m: Manifest = serde_json::from_slice(&bytes)
+        .map_err(|e| StorageError::Io(format!("manifest {} is not valid: {e}", path.display())))?;
     m.check(id, &path)?;
     Ok(Some(m))
 }

@@ -208,8 +208,8 @@ impl Store {
                 "the storage directory is an empty path".to_string(),
             ));
         }
-        let root = std::path::absolute(&opts.root)
-            .map_err(|e| io_error("resolving", &opts.root, &e))?;
+        let root =
+            std::path::absolute(&opts.root).map_err(|e| io_error("resolving", &opts.root, &e))?;
         create_root(&root)?;
         let fault_enospc_after = std::env::var(FAULT_ENOSPC_ENV)
             .ok()
@@ -278,7 +278,11 @@ impl Store {
             let data = dir.join(DATA_PART);
             let f = new_file(&data).map_err(|e| io_error("creating", &data, &e))?;
             f.set_len(total_bytes).map_err(|e| {
-                io_error(&format!("setting the size to {total_bytes} bytes of"), &data, &e)
+                io_error(
+                    &format!("setting the size to {total_bytes} bytes of"),
+                    &data,
+                    &e,
+                )
             })?;
             let m = Manifest::new(
                 &id,
@@ -396,7 +400,8 @@ impl Store {
                 });
             }
         }
-        file.sync_data().map_err(|e| io_error(&what, &data_path, &e))?;
+        file.sync_data()
+            .map_err(|e| io_error(&what, &data_path, &e))?;
         drop(file);
 
         let _manifest_lock = ByteLock::acquire(&lock_file, MANIFEST_LOCK_BYTE)
@@ -538,7 +543,8 @@ impl Store {
 
     fn sweep(&self, force: bool) -> Vec<SweptUpload> {
         let stamp = self.root.join(SWEEP_STAMP);
-        if !force && swept_recently(&stamp) {
+        let seen = stamp_mtime(&stamp);
+        if !force && seen.is_some_and(is_recent) {
             return Vec::new();
         }
         let Ok(stamp_file) = OpenOptions::new()
@@ -554,8 +560,8 @@ impl Store {
         let Ok(Some(_sweep_lock)) = ByteLock::try_acquire(&stamp_file, 0) else {
             return Vec::new(); // another process is sweeping right now
         };
-        if !force && swept_recently(&stamp) {
-            return Vec::new();
+        if !force && seen.is_some() && stamp_mtime(&stamp) != seen {
+            return Vec::new(); // another process swept between our look and our lock
         }
         let _ = stamp_file.set_modified(SystemTime::now());
         let Ok(entries) = fs::read_dir(&self.root) else {
@@ -742,10 +748,11 @@ fn open_lock(dir: &Path, id: &str) -> Result<File, StorageError> {
     }
 }
 
-fn swept_recently(stamp: &Path) -> bool {
-    let Ok(mtime) = fs::metadata(stamp).and_then(|m| m.modified()) else {
-        return false;
-    };
+fn stamp_mtime(stamp: &Path) -> Option<SystemTime> {
+    fs::metadata(stamp).and_then(|m| m.modified()).ok()
+}
+
+fn is_recent(mtime: SystemTime) -> bool {
     match mtime.elapsed() {
         Ok(age) => age < SWEEP_INTERVAL,
         Err(future) => future.duration() < SWEEP_INTERVAL, // small clock skew between hosts

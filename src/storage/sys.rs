@@ -91,7 +91,13 @@ pub(crate) fn is_locked_by_other(file: &File, byte: u64) -> io::Result<bool> {
     fl.l_start = byte as libc::off_t;
     fl.l_len = 1;
     // SAFETY: as in `set_lock`.
-    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl as *mut libc::flock) };
+    let rc = unsafe {
+        libc::fcntl(
+            file.as_raw_fd(),
+            libc::F_OFD_GETLK,
+            &mut fl as *mut libc::flock,
+        )
+    };
     if rc == -1 {
         return Err(io::Error::last_os_error());
     }

@@ -57,6 +57,6 @@ long chunk: UploadProgress\InvalidChunkException: %s
 bad checksum: UploadProgress\ChecksumMismatchException: %s0000000000%s
 checksum format: ValueError: %smd5:abc%s
 missing source: UploadProgress\StorageException: %s/nonexistent/file%s
-complete with missing chunks: UploadProgress\InvalidChunkException: %s1, 2%s
+complete with missing chunks: UploadProgress\InvalidChunkException: %s1, 2
 still stored: [1,2] bytes_done=4
 whole-file sha256: UploadProgress\ChecksumMismatchException: %saaaa%s
