@@ -416,8 +416,11 @@ class Stack:
             lines.append("extension=%s" % _ini_value(self.ext_path))
         for k, v in self._ini_directives().items():
             lines.append("%s = %s" % (k, _ini_value(v)))
-        with open(self.php_ini_path, "w") as f:
+        # may hold upload_progress.app_secret: readable by this user only
+        fd = os.open(self.php_ini_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
             f.write("\n".join(lines) + "\n")
+        os.chmod(self.php_ini_path, 0o600)
 
     def _write_fpm_conf(self):
         root = os.geteuid() == 0

@@ -876,7 +876,11 @@ async fn session_future_is_small() {
     let conn = std::sync::Arc::new(super::state::Conn::new(1, 1));
     let fut = super::ws::session(fake, ws, conn);
     let size = std::mem::size_of_val(&fut);
-    eprintln!("session future: {size} bytes");
+    eprintln!(
+        "session future: {size} bytes (WebSocketStream {}, Sleep {})",
+        std::mem::size_of::<super::ws::Ws>(),
+        std::mem::size_of::<tokio::time::Sleep>()
+    );
     assert!(size < 2048, "{size}");
     drop(fut);
     hub.stop().await;

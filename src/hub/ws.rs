@@ -2,7 +2,7 @@
 //!
 //! The task owns the socket; other tasks reach it only through its `Conn`
 //! (a bounded queue of serialized frames and a close request). Its state is
-//! kept small: tungstenite with a 1 KiB read buffer and no write buffering,
+//! kept small: tungstenite with a 512-byte read buffer and no write buffering,
 //! the list of its channels, and one timer.
 
 use std::sync::Arc;
@@ -23,7 +23,7 @@ pub(crate) type Ws = WebSocketStream<TcpStream>;
 
 /// tungstenite zero-fills its read buffer up to this size on every read:
 /// Pusher client messages are small, so a small buffer keeps idle connections cheap.
-pub(crate) const READ_BUFFER: usize = 1024;
+pub(crate) const READ_BUFFER: usize = 512;
 /// Largest message a client may send (Pusher's limit is 10 KB).
 pub(crate) const MAX_CLIENT_MESSAGE: usize = 10 * 1024;
 /// Channels one connection may subscribe to.
@@ -144,26 +144,32 @@ pub(crate) async fn session(hub: Arc<Hub>, mut ws: Ws, conn: Arc<Conn>) {
         }
     }
     drop(subs);
+    // Boxed: the closing steps are rare, so their state is not part of every
+    // idle connection's task.
+    Box::pin(finish(&hub, &mut ws, &conn, end)).await;
+}
+
+async fn finish(hub: &Hub, ws: &mut Ws, conn: &Conn, end: End) {
     match end {
-        End::Gone => unregister(&hub, &conn),
+        End::Gone => unregister(hub, conn),
         End::PeerClosed => {
             let _ = tokio::time::timeout(Duration::from_secs(1), ws.flush()).await;
-            unregister(&hub, &conn);
+            unregister(hub, conn);
         }
         End::Close(code, reason) => {
-            close(&mut ws, code, reason).await;
-            unregister(&hub, &conn);
-            await_peer_close(&mut ws).await;
+            close(ws, code, reason).await;
+            unregister(hub, conn);
+            await_peer_close(ws).await;
         }
         End::Error {
             code,
             message,
             close: close_code,
         } => {
-            let _ = send(&hub, &mut ws, error_frame(code, &message)).await;
-            close(&mut ws, close_code, &message).await;
-            unregister(&hub, &conn);
-            await_peer_close(&mut ws).await;
+            let _ = send(hub, ws, error_frame(code, &message)).await;
+            close(ws, close_code, &message).await;
+            unregister(hub, conn);
+            await_peer_close(ws).await;
         }
     }
 }

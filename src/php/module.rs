@@ -33,7 +33,3 @@ pub extern "C" fn request_startup(_ty: i32, _module_number: i32) -> i32 {
     0
 }
 
-pub extern "C" fn request_shutdown(_ty: i32, _module_number: i32) -> i32 {
-    let _ = catch_unwind(recorder::request_shutdown);
-    0
-}

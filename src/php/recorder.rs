@@ -33,6 +33,7 @@ thread_local! {
 
 static ORIGINAL_READ_POST: OnceCell<Option<sapi::ReadPostFn>> = OnceCell::new();
 static ORIGINAL_RFC1867: OnceCell<Option<sapi::Rfc1867Fn>> = OnceCell::new();
+static ORIGINAL_DEACTIVATE: OnceCell<Option<sapi::DeactivateFn>> = OnceCell::new();
 
 /// Active means: enabled and publishing (hub not `off`).
 pub fn active(cfg: &Config) -> bool {
@@ -269,16 +270,46 @@ unsafe extern "C" fn read_post_wrapper(buffer: *mut c_char, count: usize) -> usi
     n
 }
 
-/// MULTIPART_EVENT_START: the request is a multipart form being parsed.
+/// rfc1867.h: a multipart form starts being parsed / was parsed to its end.
 const MULTIPART_EVENT_START: c_uint = 0;
+const MULTIPART_EVENT_END: c_uint = 5;
+
+fn on_multipart_end() {
+    let messages = TRACKER.with(|t| {
+        t.try_borrow_mut()
+            .ok()
+            .and_then(|mut t| t.as_mut().map(BodyTracker::on_parsed_end))
+    });
+    for m in messages.unwrap_or_default() {
+        send(&m);
+    }
+}
 
 unsafe extern "C" fn rfc1867_wrapper(event: c_uint, data: *mut c_void, extra: *mut *mut c_void) -> c_int {
-    if event == MULTIPART_EVENT_START {
-        let _ = catch_unwind(start_tracking_if_requested);
+    match event {
+        MULTIPART_EVENT_START => {
+            let _ = catch_unwind(start_tracking_if_requested);
+        }
+        MULTIPART_EVENT_END => {
+            let _ = catch_unwind(on_multipart_end);
+        }
+        _ => {}
     }
     match ORIGINAL_RFC1867.get().copied().flatten() {
         // SAFETY: chaining to the callback installed before ours (e.g. session.upload_progress).
         Some(original) => unsafe { original(event, data, extra) },
+        None => 0,
+    }
+}
+
+/// `sapi_module.deactivate` runs after the SAPI drained the unread rest of the
+/// body (through read_post), so this, not RSHUTDOWN, is where a request's
+/// body ends for us.
+unsafe extern "C" fn deactivate_wrapper() -> c_int {
+    let _ = catch_unwind(end_of_request_body);
+    match ORIGINAL_DEACTIVATE.get().copied().flatten() {
+        // SAFETY: chaining to the SAPI's own deactivate.
+        Some(original) => unsafe { original() },
         None => 0,
     }
 }
@@ -293,6 +324,8 @@ pub fn install_hooks() {
             let _ = ORIGINAL_READ_POST.set(module.read_post);
             if module.read_post.is_some() {
                 module.read_post = Some(read_post_wrapper);
+                let _ = ORIGINAL_DEACTIVATE.set(module.deactivate);
+                module.deactivate = Some(deactivate_wrapper);
             }
         }
     }
@@ -314,6 +347,9 @@ pub fn uninstall_hooks() {
             let module = &mut *syms.sapi_module;
             if module.read_post.map(|f| f as usize) == Some(read_post_wrapper as *const () as usize) {
                 module.read_post = ORIGINAL_READ_POST.get().copied().flatten();
+            }
+            if module.deactivate.map(|f| f as usize) == Some(deactivate_wrapper as *const () as usize) {
+                module.deactivate = ORIGINAL_DEACTIVATE.get().copied().flatten();
             }
         }
         if !syms.rfc1867_callback.is_null()
@@ -345,8 +381,8 @@ pub fn request_startup() {
     });
 }
 
-/// RSHUTDOWN: release the state of a body that was not read to its end.
-pub fn request_shutdown() {
+/// After the request: release the state of a body that was not read to its end.
+fn end_of_request_body() {
     CHECKED.with(|c| c.set(false));
     IN_CHUNK.with(|c| c.set(false));
     let tracker = TRACKER.with(|t| t.try_borrow_mut().ok().and_then(|mut t| t.take()));

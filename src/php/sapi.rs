@@ -10,6 +10,7 @@ use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
 pub type ReadPostFn = unsafe extern "C" fn(buffer: *mut c_char, count: usize) -> usize;
 pub type Rfc1867Fn =
     unsafe extern "C" fn(event: c_uint, event_data: *mut c_void, extra: *mut *mut c_void) -> c_int;
+pub type DeactivateFn = unsafe extern "C" fn() -> c_int;
 type SapiGetenvFn = unsafe extern "C" fn(name: *const c_char, len: usize) -> *mut c_char;
 type ReadPostBlockFn = unsafe extern "C" fn(buffer: *mut c_char, len: usize) -> usize;
 type DisplayIniFn = unsafe extern "C" fn(module: *mut zend_module_entry);

@@ -130,11 +130,8 @@ impl BodyTracker {
                 ),
             )
         };
-        let mut out = Vec::with_capacity(3);
-        if complete {
-            self.last_sent = None;
-            out.push(self.report());
-        }
+        // The hub answers StreamEnd with a last progress event of its own.
+        let mut out = Vec::with_capacity(2);
         out.push(IngestMessage::StreamEnd {
             upload_id: self.upload_id.clone(),
             stream: self.stream,
@@ -148,6 +145,15 @@ impl BodyTracker {
             fields,
         });
         out
+    }
+
+    /// PHP's multipart parser reached the closing boundary: the body is
+    /// complete even if trailing bytes after it were never read.
+    pub fn on_parsed_end(&mut self) -> Vec<IngestMessage> {
+        if self.ended {
+            return Vec::new();
+        }
+        self.end(true)
     }
 
     /// The request ended without the body being read to its end (the script
@@ -219,6 +225,15 @@ mod tests {
         let end = b.on_read(70, t0 + Duration::from_millis(160));
         assert!(matches!(end.last(), Some(IngestMessage::Terminal { event, .. }) if event == "complete"));
         assert!(b.on_read(0, t0).is_empty(), "nothing after the end");
+    }
+
+    #[test]
+    fn multipart_end_completes_even_with_unread_trailer() {
+        let mut b = BodyTracker::new("u".into(), 1, 100, 100);
+        b.on_read(98, Instant::now());
+        let end = b.on_parsed_end();
+        assert!(matches!(end.last(), Some(IngestMessage::Terminal { event, .. }) if event == "complete"));
+        assert!(b.abandon().is_empty());
     }
 
     #[test]

@@ -56,7 +56,7 @@ async function withStack(name, fn) {
   }
 }
 
-test('a 200 MB file picked on the page: progress rises through >= 10 values, stored file is identical', { skip: SKIP || false, timeout: TIMEOUT }, async () => {
+test('a 200 MB file picked on the page: progress rises through >= 10 values, stored file is identical', { skip: SKIP || false, timeout: TIMEOUT }, async (t) => {
   await withStack('progress', async (stack) => {
     const { page, errors, context } = await openPage(browser, pageUrl(stack, { chunk_delay_ms: process.env.BROWSER_CHUNK_DELAY_MS || '20' }));
     try {
@@ -76,6 +76,7 @@ test('a 200 MB file picked on the page: progress rises through >= 10 values, sto
       assert.equal(row.done, file.size, 'data-bytes-done ends at the file size');
       assert.equal(row.total, file.size, 'data-bytes-total is the file size');
       const sources = await page.evaluate(() => window.uploadDemo.progressSources);
+      t.diagnostic(`distinct data-bytes-done values: ${distinct.length}; progress events by source: ${JSON.stringify(sources)}`);
       assert.ok((sources.socket ?? 0) > 0, `some progress came over the WebSocket: ${JSON.stringify(sources)}`);
       await storedFileMatches(stack, row.id);
       assert.deepEqual(errors, [], 'no uncaught page errors');
@@ -85,7 +86,7 @@ test('a 200 MB file picked on the page: progress rises through >= 10 values, sto
   });
 });
 
-test('kill -9 of the hub mid-upload: the upload still completes, no uncaught page error', { skip: SKIP || false, timeout: TIMEOUT }, async () => {
+test('kill -9 of the hub mid-upload: the upload still completes, no uncaught page error', { skip: SKIP || false, timeout: TIMEOUT }, async (t) => {
   await withStack('hubkill', async (stack) => {
     const { page, errors, context } = await openPage(browser, pageUrl(stack, { chunk_delay_ms: '120' }));
     try {
@@ -108,7 +109,8 @@ test('kill -9 of the hub mid-upload: the upload still completes, no uncaught pag
       await storedFileMatches(stack, row.id);
       if (!MOCK) {
         // The next request of a worker respawns a hub; the page reconnects on its own.
-        await page.waitForSelector('#connection[data-socket-state="connected"]', { timeout: 60000 }).catch(() => {});
+        const back = await page.waitForSelector('#connection[data-socket-state="connected"]', { timeout: 30000 }).then(() => true, () => false);
+        t.diagnostic(`socket ${back ? 'reconnected to a respawned hub' : 'did not reconnect within 30 s'} after the kill; new hub pids: ${(await stack.hubPids()).join(',') || 'none'}`);
       }
       assert.deepEqual(errors, [], 'no uncaught page errors');
     } finally {
@@ -119,7 +121,7 @@ test('kill -9 of the hub mid-upload: the upload still completes, no uncaught pag
 
 test('reload mid-upload: the same file resumes without resending stored chunks', { skip: SKIP || false, timeout: TIMEOUT }, async () => {
   await withStack('reload', async (stack) => {
-    const { page, errors, context } = await openPage(browser, pageUrl(stack, { chunk_delay_ms: '150' }));
+    const { page, errors, context } = await openPage(browser, pageUrl(stack, { chunk_delay_ms: '250' }));
     try {
       let phase = 1;
       const puts = { 1: [], 2: [] };
@@ -130,10 +132,11 @@ test('reload mid-upload: the same file resumes without resending stored chunks',
       await page.setInputFiles('#file-input', file.path);
       const uploadId = await (await page.waitForSelector('#uploads .upload[data-upload-id]')).getAttribute('data-upload-id');
       const chunkCount = Math.ceil(file.size / CHUNK);
+      const minStored = Math.max(2, Math.floor(chunkCount * 0.15));
       await waitFor(async () => {
         const st = await getJson(`${stack.baseUrl}/api/uploads/${uploadId}`);
-        return st.json && st.json.chunks_done >= 8 ? st.json : null;
-      }, 120000, '8 chunks stored');
+        return st.json && st.json.chunks_done >= minStored ? st.json : null;
+      }, 120000, `${minStored} chunks stored`);
 
       await page.reload();
       await page.waitForSelector('body[data-ready="1"]');
@@ -143,7 +146,7 @@ test('reload mid-upload: the same file resumes without resending stored chunks',
       const missing = new Set(st.missing);
       const stored = [];
       for (let i = 0; i < chunkCount; i++) if (!missing.has(i)) stored.push(i);
-      assert.ok(stored.length >= 8 && stored.length < chunkCount, `stored before resume: ${stored.length}`);
+      assert.ok(stored.length >= minStored && stored.length < chunkCount, `stored before resume: ${stored.length}`);
       // The page lists the unfinished upload.
       assert.ok(await page.isVisible('#resumable'), 'the page offers to resume the unfinished upload');
 
@@ -192,6 +195,58 @@ test('screenshot mid-upload saved to artifacts/', { skip: SKIP || false, timeout
       assert.deepEqual(errors, [], 'no uncaught page errors');
     } finally {
       await context.close();
+    }
+  });
+});
+
+test('network loss mid-upload (browser offline, then online): the upload resumes and completes', { skip: SKIP || false, timeout: TIMEOUT }, async (t) => {
+  await withStack('offline', async (stack) => {
+    const { page, errors, context } = await openPage(browser, pageUrl(stack, { chunk_delay_ms: '150' }));
+    try {
+      await page.setInputFiles('#file-input', file.path);
+      await page.waitForFunction(() => {
+        const r = document.querySelector('#uploads .upload');
+        return r && Number(r.dataset.bytesDone) > Number(r.dataset.bytesTotal) * 0.1;
+      }, null, { timeout: 120000, polling: 50 });
+      await context.setOffline(true);
+      await new Promise((r) => setTimeout(r, 2500));
+      const during = await rowInfo(page);
+      assert.equal(during.state, 'uploading', 'still uploading (waiting), not failed, while offline');
+      await context.setOffline(false);
+      await waitForState(page, 'complete', TIMEOUT - 60_000);
+      const row = await rowInfo(page);
+      t.diagnostic(`offline at ${during.done} of ${during.total} bytes`);
+      await storedFileMatches(stack, row.id);
+      assert.deepEqual(errors, [], 'no uncaught page errors');
+    } finally {
+      await context.close();
+    }
+  });
+});
+
+test('several files at once; cancel removes one upload on the server, the others complete', { skip: SKIP || false, timeout: TIMEOUT }, async () => {
+  await withStack('multi', async (stack) => {
+    const small = [randomFile(6 * MiB, 'one.bin'), randomFile(9 * MiB, 'two.bin'), randomFile(12 * MiB, 'three.bin')];
+    const { page, errors, context } = await openPage(browser, pageUrl(stack, { chunk_size: String(MiB), chunk_delay_ms: '100', parallel: '2' }));
+    try {
+      await page.setInputFiles('#file-input', small.map((f) => f.path));
+      await page.waitForFunction(() => document.querySelectorAll('#uploads .upload[data-upload-id]').length === 3, null, { timeout: 30000 });
+      const victim = page.locator('#uploads .upload[data-file-name="three.bin"]');
+      const victimId = await victim.getAttribute('data-upload-id');
+      await victim.locator('[data-action="cancel"]').click();
+      await page.waitForSelector(`#uploads .upload[data-upload-id="${victimId}"][data-state="aborted"]`);
+      await waitFor(async () => (await getJson(`${stack.baseUrl}/api/uploads/${victimId}`)).status === 404, 10000, 'the cancelled upload is gone on the server');
+      for (const f of small.slice(0, 2)) {
+        const row = page.locator(`#uploads .upload[data-file-name="${path.basename(f.path)}"]`);
+        await row.and(page.locator('[data-state="complete"]')).waitFor({ timeout: 120000 });
+        const id = await row.getAttribute('data-upload-id');
+        const st = (await getJson(`${stack.baseUrl}/api/uploads/${id}`)).json;
+        assert.equal(sha256File(st.path), f.sha256, `${f.path} stored intact`);
+      }
+      assert.deepEqual(errors, [], 'no uncaught page errors');
+    } finally {
+      await context.close();
+      for (const f of small) f.cleanup();
     }
   });
 });

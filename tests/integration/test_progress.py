@@ -131,7 +131,7 @@ def test_session_upload_progress_keeps_working(make_stack, tmp_path):
     progress = json.loads(after.stdout)["progress"]
     assert progress, f"session.upload_progress data missing: {after.stdout}\n{s.log_tail()}"
     assert progress["done"] is True and progress["bytes_processed"] >= 3 * 1024 * 1024
-    assert progress["files"][0]["name"] == "file"
+    assert progress["files"][0]["field_name"] == "file"
     # and our own events were produced for the same request
     status, body = http("GET", f"{s.base_url}/t/progress.php?id=sess1")
     assert json.loads(body)["state"] == "complete"
