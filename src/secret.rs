@@ -58,7 +58,10 @@ mod tests {
         let b = load_or_create(dir.path()).unwrap();
         assert_eq!(a, b);
         assert_eq!(a.len(), 64);
-        let mode = fs::metadata(dir.path().join(FILE)).unwrap().permissions().mode();
+        let mode = fs::metadata(dir.path().join(FILE))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 }

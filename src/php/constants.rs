@@ -14,7 +14,8 @@ pub fn read(names: &[&str]) -> Vec<Option<String>> {
         return names.iter().map(|_| None).collect();
     }
     // SAFETY: the symbol has the GetConstantStr signature in PHP 8.
-    let get: GetConstantStr = unsafe { std::mem::transmute::<*mut libc::c_void, GetConstantStr>(f) };
+    let get: GetConstantStr =
+        unsafe { std::mem::transmute::<*mut libc::c_void, GetConstantStr>(f) };
     names
         .iter()
         .map(|name| {

@@ -41,7 +41,10 @@ pub fn write_json(zv: &Zval, out: &mut String, depth: usize) -> Result<(), Strin
         }
         out.push(if is_list { ']' } else { '}' });
     } else {
-        return Err(format!("data holds a value of type {:?} that cannot be JSON", zv.get_type()));
+        return Err(format!(
+            "data holds a value of type {:?} that cannot be JSON",
+            zv.get_type()
+        ));
     }
     Ok(())
 }

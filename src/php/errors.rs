@@ -2,9 +2,9 @@
 //! the pure-Rust core become PHP exceptions.
 
 use crate::storage::StorageError;
+use ext_php_rs::class::RegisteredClass;
 use ext_php_rs::exception::PhpException;
 use ext_php_rs::prelude::*;
-use ext_php_rs::class::RegisteredClass;
 use ext_php_rs::zend::{ce, ClassEntry};
 use std::ffi::CStr;
 

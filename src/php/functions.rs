@@ -70,8 +70,14 @@ pub fn auth(socket_id: &str, channel: &str, channel_data: Option<&str>) -> PhpRe
             cfg.storage_dir.display()
         )));
     }
-    pusher::channel_auth(&cfg.app_key, &cfg.app_secret, socket_id, channel, channel_data)
-        .map_err(invalid_argument)
+    pusher::channel_auth(
+        &cfg.app_key,
+        &cfg.app_secret,
+        socket_id,
+        channel,
+        channel_data,
+    )
+    .map_err(invalid_argument)
 }
 
 fn query_json(msg: &IngestMessage) -> Option<serde_json::Value> {
@@ -127,7 +133,10 @@ pub fn status_map() -> Option<serde_json::Map<String, serde_json::Value>> {
     map.insert("listen".into(), json!(cfg.listen));
     map.insert("hub_socket".into(), json!(cfg.hub_socket));
     map.insert("mode".into(), json!(cfg.hub.as_str()));
-    let hub_dropped = map.get("events_dropped").and_then(Value::as_u64).unwrap_or(0);
+    let hub_dropped = map
+        .get("events_dropped")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
     map.insert("events_dropped".into(), json!(hub_dropped + local_dropped));
     map.insert("events_dropped_here".into(), json!(local_dropped));
     Some(map)

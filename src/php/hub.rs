@@ -48,7 +48,9 @@ impl Hub {
             ingest: UnixListener::from(listener),
             watch_pid,
         });
-        if std::fs::read_to_string(&pid_file).is_ok_and(|p| p.trim() == std::process::id().to_string()) {
+        if std::fs::read_to_string(&pid_file)
+            .is_ok_and(|p| p.trim() == std::process::id().to_string())
+        {
             let _ = std::fs::remove_file(&pid_file);
         }
         result.map_err(|e| PhpException::from_class::<Exception>(format!("Hub::run(): {e}")))

@@ -12,7 +12,10 @@ pub extern "C" fn module_info(module: *mut ModuleEntry) {
         info_table_row!("version", recorder::VERSION);
         let hub = functions::status_map()
             .map(|m| {
-                let running = m.get("running").and_then(serde_json::Value::as_bool).unwrap_or(false);
+                let running = m
+                    .get("running")
+                    .and_then(serde_json::Value::as_bool)
+                    .unwrap_or(false);
                 if running {
                     format!(
                         "running (pid {}, {} connections)",

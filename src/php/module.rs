@@ -32,4 +32,3 @@ pub extern "C" fn request_startup(_ty: i32, _module_number: i32) -> i32 {
     });
     0
 }
-

@@ -136,10 +136,13 @@ pub fn extension_path() -> Option<String> {
     // SAFETY: dladdr on the address of a function of this library.
     unsafe {
         let mut info: libc::Dl_info = std::mem::zeroed();
-        if libc::dladdr(extension_path as *const c_void, &mut info) == 0 || info.dli_fname.is_null() {
+        if libc::dladdr(extension_path as *const c_void, &mut info) == 0 || info.dli_fname.is_null()
+        {
             return None;
         }
-        let path = std::ffi::CStr::from_ptr(info.dli_fname).to_string_lossy().into_owned();
+        let path = std::ffi::CStr::from_ptr(info.dli_fname)
+            .to_string_lossy()
+            .into_owned();
         std::fs::canonicalize(&path)
             .ok()
             .map(|p| p.to_string_lossy().into_owned())
@@ -153,9 +156,17 @@ fn php_binary(cfg: &Config) -> Option<String> {
     if !cfg.php_binary.is_empty() {
         return Some(cfg.php_binary.clone());
     }
-    let consts = crate::php::constants::read(&["PHP_BINDIR", "PHP_MAJOR_VERSION", "PHP_MINOR_VERSION"]);
-    let bindir = consts.first().cloned().flatten().unwrap_or_else(|| "/usr/bin".into());
-    let ver = match (consts.get(1).cloned().flatten(), consts.get(2).cloned().flatten()) {
+    let consts =
+        crate::php::constants::read(&["PHP_BINDIR", "PHP_MAJOR_VERSION", "PHP_MINOR_VERSION"]);
+    let bindir = consts
+        .first()
+        .cloned()
+        .flatten()
+        .unwrap_or_else(|| "/usr/bin".into());
+    let ver = match (
+        consts.get(1).cloned().flatten(),
+        consts.get(2).cloned().flatten(),
+    ) {
         (Some(a), Some(b)) => format!("{a}.{b}"),
         _ => String::new(),
     };
@@ -166,9 +177,9 @@ fn php_binary(cfg: &Config) -> Option<String> {
         "/usr/local/bin/php".into(),
         "/usr/bin/php".into(),
     ];
-    candidates.into_iter().find(|c| {
-        std::fs::metadata(c).is_ok_and(|m| m.is_file())
-    })
+    candidates
+        .into_iter()
+        .find(|c| std::fs::metadata(c).is_ok_and(|m| m.is_file()))
 }
 
 fn spawn_spec(cfg: &Config) -> Option<SpawnSpec> {
@@ -190,9 +201,16 @@ fn spawn_spec(cfg: &Config) -> Option<SpawnSpec> {
     // The FPM master outlives workers and keeps its pid across reloads.
     let is_fpm = sapi::get().is_some_and(|s| s.sapi_name() == "fpm-fcgi");
     // SAFETY: getppid/getpid never fail.
-    let watch = if is_fpm { unsafe { libc::getppid() } } else { unsafe { libc::getpid() } };
+    let watch = if is_fpm {
+        unsafe { libc::getppid() }
+    } else {
+        unsafe { libc::getpid() }
+    };
     let mut env = vec![
-        ("PATH".to_owned(), std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into())),
+        (
+            "PATH".to_owned(),
+            std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
+        ),
         (ENV_WATCH_PID.to_owned(), watch.to_string()),
     ];
     let configured = ini::current_values()
@@ -201,13 +219,20 @@ fn spawn_spec(cfg: &Config) -> Option<SpawnSpec> {
         .map(|(_, v)| v)
         .unwrap_or_default();
     if !configured.trim().is_empty() {
-        env.push(("UPLOAD_PROGRESS_APP_SECRET".into(), configured.trim().to_owned()));
+        env.push((
+            "UPLOAD_PROGRESS_APP_SECRET".into(),
+            configured.trim().to_owned(),
+        ));
     }
     Some(SpawnSpec {
         program,
         args,
         env,
-        log_path: cfg.storage_dir.join("hub.log").to_string_lossy().into_owned(),
+        log_path: cfg
+            .storage_dir
+            .join("hub.log")
+            .to_string_lossy()
+            .into_owned(),
         socket_name: cfg.hub_socket.clone(),
     })
 }
@@ -240,7 +265,12 @@ fn start_tracking_if_requested() {
     let stream = next_stream_id();
     TRACKER.with(|t| {
         if let Ok(mut t) = t.try_borrow_mut() {
-            *t = Some(BodyTracker::new(id, stream, content_length, cfg.min_interval_ms));
+            *t = Some(BodyTracker::new(
+                id,
+                stream,
+                content_length,
+                cfg.min_interval_ms,
+            ));
         }
     });
 }
@@ -285,7 +315,11 @@ fn on_multipart_end() {
     }
 }
 
-unsafe extern "C" fn rfc1867_wrapper(event: c_uint, data: *mut c_void, extra: *mut *mut c_void) -> c_int {
+unsafe extern "C" fn rfc1867_wrapper(
+    event: c_uint,
+    data: *mut c_void,
+    extra: *mut *mut c_void,
+) -> c_int {
     match event {
         MULTIPART_EVENT_START => {
             let _ = catch_unwind(start_tracking_if_requested);
@@ -345,15 +379,19 @@ pub fn uninstall_hooks() {
     unsafe {
         if !syms.sapi_module.is_null() {
             let module = &mut *syms.sapi_module;
-            if module.read_post.map(|f| f as usize) == Some(read_post_wrapper as *const () as usize) {
+            if module.read_post.map(|f| f as usize) == Some(read_post_wrapper as *const () as usize)
+            {
                 module.read_post = ORIGINAL_READ_POST.get().copied().flatten();
             }
-            if module.deactivate.map(|f| f as usize) == Some(deactivate_wrapper as *const () as usize) {
+            if module.deactivate.map(|f| f as usize)
+                == Some(deactivate_wrapper as *const () as usize)
+            {
                 module.deactivate = ORIGINAL_DEACTIVATE.get().copied().flatten();
             }
         }
         if !syms.rfc1867_callback.is_null()
-            && (*syms.rfc1867_callback).map(|f| f as usize) == Some(rfc1867_wrapper as *const () as usize)
+            && (*syms.rfc1867_callback).map(|f| f as usize)
+                == Some(rfc1867_wrapper as *const () as usize)
         {
             *syms.rfc1867_callback = ORIGINAL_RFC1867.get().copied().flatten();
         }

@@ -76,7 +76,8 @@ impl PhpInput {
 
 impl Read for PhpInput {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let fread = ZendCallable::try_from_name("fread").map_err(|e| std::io::Error::other(e.to_string()))?;
+        let fread = ZendCallable::try_from_name("fread")
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
         let want = buf.len() as i64;
         let data = fread
             .try_call(vec![&self.handle, &want])
@@ -142,7 +143,9 @@ impl Upload {
     }
 }
 
-fn parse_options(options: &ZendHashTable) -> PhpResult<(Option<u64>, BTreeMap<String, String>, Option<String>)> {
+fn parse_options(
+    options: &ZendHashTable,
+) -> PhpResult<(Option<u64>, BTreeMap<String, String>, Option<String>)> {
     let mut chunk_size = None;
     let mut metadata = BTreeMap::new();
     let mut sha256 = None;
@@ -241,10 +244,12 @@ impl Upload {
     ) -> PhpResult<ZBox<ZendHashTable>> {
         let store = store()?;
         if index < 0 || index as u64 >= self.chunk_count {
-            return Err(storage_error(crate::storage::StorageError::InvalidChunk(format!(
-                "chunk index {index} is out of range 0..{} for upload {}",
-                self.chunk_count, self.id
-            ))));
+            return Err(storage_error(crate::storage::StorageError::InvalidChunk(
+                format!(
+                    "chunk index {index} is out of range 0..{} for upload {}",
+                    self.chunk_count, self.id
+                ),
+            )));
         }
         let before = store.status(&self.id).map_err(storage_error)?;
         let stream = recorder::next_stream_id();
@@ -262,10 +267,17 @@ impl Upload {
                         "cannot open source file \"{path}\": {e}"
                     )))
                 })?;
-                store.write_chunk(&self.id, index as u64, &mut file, checksum.as_deref(), &mut on_progress)
+                store.write_chunk(
+                    &self.id,
+                    index as u64,
+                    &mut file,
+                    checksum.as_deref(),
+                    &mut on_progress,
+                )
             }
             None => {
-                let syms = sapi::get().ok_or_else(|| value_error("no SAPI to read the request body from"))?;
+                let syms = sapi::get()
+                    .ok_or_else(|| value_error("no SAPI to read the request body from"))?;
                 recorder::while_streaming_chunk(|| {
                     if syms.body_already_read() {
                         match PhpInput::open() {
@@ -314,9 +326,7 @@ impl Upload {
     /// path of the finished file; a second call returns the same path.
     pub fn complete(&self) -> PhpResult<String> {
         let store = store()?;
-        let was_complete = store
-            .status(&self.id)
-            .is_ok_and(|s| s.path.is_some());
+        let was_complete = store.status(&self.id).is_ok_and(|s| s.path.is_some());
         let status = store.complete(&self.id).map_err(storage_error)?;
         let path = status.path.clone().unwrap_or_default();
         if !was_complete {

@@ -354,7 +354,10 @@ mod tests {
             decode(&[PUBLISH, 255, 255, 255, 255]),
             Err(DecodeError::Truncated)
         );
-        assert_eq!(decode(&[PUBLISH, 1, 0, 0, 0, 0xff]), Err(DecodeError::BadUtf8));
+        assert_eq!(
+            decode(&[PUBLISH, 1, 0, 0, 0, 0xff]),
+            Err(DecodeError::BadUtf8)
+        );
         assert!(matches!(
             frame_len(&[0xff, 0xff, 0xff, 0xff]),
             Err(DecodeError::TooLarge(_))

@@ -58,9 +58,8 @@ pub fn sockaddr(name: &str) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> 
 }
 
 fn stream_socket(nonblocking: bool) -> io::Result<OwnedFd> {
-    let flags = libc::SOCK_STREAM
-        | libc::SOCK_CLOEXEC
-        | if nonblocking { libc::SOCK_NONBLOCK } else { 0 };
+    let flags =
+        libc::SOCK_STREAM | libc::SOCK_CLOEXEC | if nonblocking { libc::SOCK_NONBLOCK } else { 0 };
     // SAFETY: plain socket(2) call.
     let fd = unsafe { libc::socket(libc::AF_UNIX, flags, 0) };
     if fd < 0 {
@@ -183,7 +182,8 @@ impl IngestClient {
             }
         }
         self.last_attempt = Some(now);
-        let fd = stream_socket(true).map_err(|e| ConnectError::Other(e.raw_os_error().unwrap_or(0)))?;
+        let fd =
+            stream_socket(true).map_err(|e| ConnectError::Other(e.raw_os_error().unwrap_or(0)))?;
         if let Err(e) = connect(&fd, &self.socket_name) {
             let code = e.raw_os_error().unwrap_or(0);
             return Err(if code == libc::ECONNREFUSED || code == libc::ENOENT {
@@ -409,7 +409,14 @@ mod tests {
         let lfd = stream_socket(false).unwrap();
         // SAFETY: test-only bind/listen on an abstract name.
         unsafe {
-            assert_eq!(libc::bind(lfd.as_raw_fd(), (&addr as *const libc::sockaddr_un).cast(), len), 0);
+            assert_eq!(
+                libc::bind(
+                    lfd.as_raw_fd(),
+                    (&addr as *const libc::sockaddr_un).cast(),
+                    len
+                ),
+                0
+            );
             assert_eq!(libc::listen(lfd.as_raw_fd(), 8), 0);
         }
         let mut client = IngestClient::new(name, "v".into());

@@ -31,7 +31,11 @@ pub fn header_env_name(header: &str) -> String {
     let mut s = String::with_capacity(header.len() + 5);
     s.push_str("HTTP_");
     for c in header.chars() {
-        s.push(if c == '-' { '_' } else { c.to_ascii_uppercase() });
+        s.push(if c == '-' {
+            '_'
+        } else {
+            c.to_ascii_uppercase()
+        });
     }
     s
 }
@@ -192,7 +196,9 @@ impl Throttle {
     }
 
     pub fn due(&mut self, now: Instant) -> bool {
-        let due = self.last.is_none_or(|t| now.duration_since(t) >= self.interval);
+        let due = self
+            .last
+            .is_none_or(|t| now.duration_since(t) >= self.interval);
         if due {
             self.last = Some(now);
         }
@@ -210,7 +216,10 @@ mod tests {
         assert!(!valid_progress_id(""));
         assert!(!valid_progress_id("a/b"));
         assert!(!valid_progress_id(&"a".repeat(129)));
-        assert_eq!(query_param("a=1&X-Progress-ID=xyz", "x-progress-id"), Some("xyz"));
+        assert_eq!(
+            query_param("a=1&X-Progress-ID=xyz", "x-progress-id"),
+            Some("xyz")
+        );
         assert_eq!(query_param("a=1", "X-Progress-ID"), None);
         assert_eq!(header_env_name("X-Progress-ID"), "HTTP_X_PROGRESS_ID");
     }
@@ -223,7 +232,9 @@ mod tests {
         assert!(b.on_read(10, t0 + Duration::from_millis(50)).is_empty());
         assert_eq!(b.on_read(10, t0 + Duration::from_millis(150)).len(), 1);
         let end = b.on_read(70, t0 + Duration::from_millis(160));
-        assert!(matches!(end.last(), Some(IngestMessage::Terminal { event, .. }) if event == "complete"));
+        assert!(
+            matches!(end.last(), Some(IngestMessage::Terminal { event, .. }) if event == "complete")
+        );
         assert!(b.on_read(0, t0).is_empty(), "nothing after the end");
     }
 
@@ -232,7 +243,9 @@ mod tests {
         let mut b = BodyTracker::new("u".into(), 1, 100, 100);
         b.on_read(98, Instant::now());
         let end = b.on_parsed_end();
-        assert!(matches!(end.last(), Some(IngestMessage::Terminal { event, .. }) if event == "complete"));
+        assert!(
+            matches!(end.last(), Some(IngestMessage::Terminal { event, .. }) if event == "complete")
+        );
         assert!(b.abandon().is_empty());
     }
 
@@ -241,8 +254,10 @@ mod tests {
         let mut b = BodyTracker::new("u".into(), 1, 100, 100);
         b.on_read(40, Instant::now());
         let end = b.on_read(0, Instant::now());
-        assert!(matches!(end.last(), Some(IngestMessage::Terminal { event, fields, .. })
-            if event == "failed" && fields.contains("40 of 100")));
+        assert!(
+            matches!(end.last(), Some(IngestMessage::Terminal { event, fields, .. })
+            if event == "failed" && fields.contains("40 of 100"))
+        );
     }
 
     #[test]

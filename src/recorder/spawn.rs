@@ -59,7 +59,13 @@ pub fn bind_listener(name: &str) -> io::Result<OwnedFd> {
         }
     }
     // SAFETY: addr is a valid sockaddr_un of len bytes.
-    let rc = unsafe { libc::bind(fd.as_raw_fd(), (&addr as *const libc::sockaddr_un).cast(), len) };
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            len,
+        )
+    };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -118,7 +124,13 @@ pub fn spawn(spec: &SpawnSpec) -> io::Result<SpawnOutcome> {
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
             libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
-            for sig in [libc::SIGPIPE, libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGCHLD] {
+            for sig in [
+                libc::SIGPIPE,
+                libc::SIGTERM,
+                libc::SIGINT,
+                libc::SIGHUP,
+                libc::SIGCHLD,
+            ] {
                 libc::signal(sig, libc::SIG_DFL);
             }
             if lfd == INGEST_FD {
@@ -166,7 +178,13 @@ pub fn inherited_listener() -> Option<OwnedFd> {
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: getsockopt on a descriptor number that may not be a socket.
     let rc = unsafe {
-        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_TYPE, (&mut ty as *mut libc::c_int).cast(), &mut len)
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            (&mut ty as *mut libc::c_int).cast(),
+            &mut len,
+        )
     };
     if rc != 0 || ty != libc::SOCK_STREAM {
         return None;
@@ -189,7 +207,10 @@ mod tests {
         let second = bind_listener(&name);
         assert_eq!(second.unwrap_err().raw_os_error(), Some(libc::EADDRINUSE));
         drop(first);
-        assert!(bind_listener(&name).is_ok(), "the kernel frees the name with its holder");
+        assert!(
+            bind_listener(&name).is_ok(),
+            "the kernel frees the name with its holder"
+        );
     }
 
     #[test]
@@ -201,7 +222,8 @@ mod tests {
             program: "/bin/sh".into(),
             args: vec![
                 "-c".into(),
-                "echo fd3=$UPLOAD_PROGRESS_INGEST_FD; ls /proc/self/fd | sort -n | tr '\\n' ' '".into(),
+                "echo fd3=$UPLOAD_PROGRESS_INGEST_FD; ls /proc/self/fd | sort -n | tr '\\n' ' '"
+                    .into(),
             ],
             env: vec![("PATH".into(), "/usr/bin:/bin".into())],
             log_path: log.to_string_lossy().into_owned(),
@@ -217,7 +239,12 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         assert!(text.contains("fd3=3"), "{text}");
-        let fds: Vec<&str> = text.lines().nth(1).unwrap_or("").split_whitespace().collect();
+        let fds: Vec<&str> = text
+            .lines()
+            .nth(1)
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
         // 0,1,2,3 and the one `ls` opens for /proc/self/fd.
         assert!(fds.len() <= 5, "leaked descriptors: {fds:?}");
     }
