@@ -27,10 +27,10 @@ install: build
 	echo "extension=upload_progress" > /etc/php/8.2/mods-available/upload_progress.ini
 	for sapi in cli fpm; do ln -sf /etc/php/8.2/mods-available/upload_progress.ini /etc/php/8.2/$$sapi/conf.d/20-upload_progress.ini; done
 
-stubs: build
+stubs:
 	$(CARGO) php stubs --stdout > stubs/upload_progress.stub.php
 
-stubs-check: build
+stubs-check:
 	@$(CARGO) php stubs --stdout | diff -u stubs/upload_progress.stub.php - && echo "stubs: current"
 
 bench: build

@@ -17,6 +17,8 @@ Command line (the Makefile's demo targets, the browser tests):
     python3 tools/stack.py down --dir DIR
     python3 tools/stack.py run  --dir DIR --ext PATH ...     # foreground until Ctrl-C
     python3 tools/stack.py hub-pid --dir DIR                 # pid(s) of the hub serving that stack
+    python3 tools/stack.py status --dir DIR                  # stack.json + liveness
+    python3 tools/stack.py selftest                          # proves the launcher without the extension
 
 `up` and `run` read DEMO_DIR, DEMO_PORT (8080), HUB_PORT (6001), STORAGE_DIR, REDIS_URL,
 APP_ID, APP_KEY, APP_SECRET and UPLOAD_PROGRESS_EXT from the environment when the
@@ -247,7 +249,6 @@ FASTCGI_PARAMS = """
     fastcgi_param  CONTENT_TYPE       $content_type;
     fastcgi_param  CONTENT_LENGTH     $content_length;
     fastcgi_param  SCRIPT_NAME        $fastcgi_script_name;
-    fastcgi_param  REQUEST_URI        $request_uri;
     fastcgi_param  DOCUMENT_URI       $document_uri;
     fastcgi_param  DOCUMENT_ROOT      $document_root;
     fastcgi_param  SERVER_PROTOCOL    $server_protocol;
@@ -987,8 +988,103 @@ def _load_state(d):
         return None
 
 
+def selftest() -> int:
+    """Prove the launcher without the extension: start, serve, route, reload, stop cleanly."""
+    import tempfile
+    import urllib.error
+    import urllib.request
+
+    results = []
+
+    def check(name, fn):
+        try:
+            fn()
+            results.append((name, None))
+            print("ok   %s" % name, flush=True)
+        except Exception as e:  # noqa: BLE001
+            results.append((name, e))
+            print("FAIL %s: %s" % (name, e), flush=True)
+
+    def req(url, data=None, method=None, raw_path=None):
+        if raw_path is not None:
+            c = http.client.HTTPConnection("127.0.0.1", s.http_port, timeout=10)
+            c.request(method or "GET", raw_path)
+            r = c.getresponse()
+            return r.status, r.read()
+        try:
+            r = urllib.request.urlopen(urllib.request.Request(url, data=data, method=method), timeout=30)
+            return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    with tempfile.TemporaryDirectory(prefix="stack-selftest-") as tmp:
+        scripts = os.path.join(tmp, "scripts")
+        os.makedirs(scripts)
+        with open(os.path.join(scripts, "echo.php"), "w") as f:
+            f.write('<?php header("Content-Type: application/json");'
+                    '$n = 0; $in = fopen("php://input", "rb"); while (!feof($in)) { $n += strlen((string)fread($in, 65536)); }'
+                    'echo json_encode(["len" => $n, "uri" => $_SERVER["REQUEST_URI"], "pid" => getmypid(),'
+                    ' "mem" => ini_get("memory_limit")]);')
+        s = Stack(os.path.join(tmp, "run"), None, ini={"memory_limit": "77M"}, scripts_dir=scripts,
+                  fpm={"pm": "static", "pm.max_children": "2"})
+        groups = {}
+
+        def started():
+            s.start()
+            groups.update(s._pgids)
+            assert s.http_port and s.hub_port and s.http_port != s.hub_port
+            assert os.path.exists(s.fpm_socket)
+            assert os.path.isdir(s.storage_dir)
+
+        def body_streams():
+            st, body = req(s.base_url + "/t/echo.php?x=1", data=os.urandom(3 * 1024 * 1024), method="PUT")
+            j = json.loads(body)
+            assert st == 200 and j["len"] == 3 * 1024 * 1024 and j["mem"] == "77M", (st, body[:200])
+
+        def raw_api_routing():
+            for path in ("/api/../index.html", "/api/uploads/..%2F..%2Fetc", "/api/%2e%2e/x"):
+                st, body = req(None, raw_path=path)
+                assert body.lstrip().startswith(b"{"), (path, st, body[:120])
+            st, body = req(None, raw_path="/api/../../../etc/passwd")
+            assert st == 400 and body.startswith(b"{"), (st, body[:120])
+
+        def static_and_client():
+            st, _ = req(s.base_url + "/")
+            assert st in (200, 403, 404)
+            st, body = req(s.base_url + "/client/upload-progress.js")
+            assert st == 200 and b"export" in body, st
+
+        def reload_keeps_master():
+            pid = s.fpm_master_pid
+            s.reload_fpm()
+            assert s.fpm_master_pid == pid and _alive(pid)
+            body_streams()
+
+        def stops_clean():
+            s.stop()
+            s.stop()
+            left = [p for g in groups.values() for p in _group_members(g)]
+            assert not left, "left behind: %s" % left
+
+        check("start", started)
+        if results[-1][1] is None:
+            check("request body streams to PHP", body_streams)
+            check("raw /api URIs reach the front controller, malformed ones get JSON 400", raw_api_routing)
+            check("static files and /client/", static_and_client)
+            check("reload_fpm keeps the master pid and serves again", reload_keeps_master)
+        check("stop leaves no process behind", stops_clean)
+        if any(e for _, e in results):
+            print(s.log_tail(30))
+    failed = sum(1 for _, e in results if e)
+    print("stack: %d passed, %d failed" % (len(results) - failed, failed))
+    return 1 if failed else 0
+
+
 def main(argv=None):
-    a = _parse_args(argv if argv is not None else sys.argv[1:])
+    argv = argv if argv is not None else sys.argv[1:]
+    if argv[:1] == ["selftest"]:
+        return selftest()
+    a = _parse_args(argv)
     if a.cmd == "up":
         old = _load_state(a.dir)
         if old and (_alive(old.get("nginx_pid")) or _alive(old.get("fpm_master_pid"))):

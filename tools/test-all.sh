@@ -22,10 +22,10 @@ gate() { # name command...: one check that passes or fails as a whole
 }
 
 gate fmt cargo fmt --check
-gate clippy cargo clippy --release --quiet --all-targets -- -D warnings
+gate clippy cargo clippy --quiet --all-targets -- -D warnings
 
 echo "== cargo test"
-out=$(cargo test --release 2>&1); rc=$?
+out=$(cargo test 2>&1); rc=$?
 echo "$out" | grep -E "^test .* (FAILED|ok)$|test result|panicked|error" | grep -v " ok$" | tail -40
 p=$(echo "$out" | grep -oE "test result: [a-zA-Z]+\. [0-9]+ passed" | awk '{s+=$4} END {print s+0}')
 f=$(echo "$out" | grep -oE "[0-9]+ failed" | awk '{s+=$1} END {print s+0}')

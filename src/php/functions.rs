@@ -1,6 +1,6 @@
 //! Functions of the `UploadProgress` namespace.
 
-use crate::php::convert::{json_to_zval, object_to_hashtable, write_json};
+use crate::php::convert::{object_to_hashtable, write_json};
 use crate::php::errors::{invalid_argument, value_error};
 use crate::php::{ini, recorder};
 use crate::protocol::ingest::IngestMessage;
@@ -62,7 +62,8 @@ pub fn publish(channel: &str, event: &str, data: &Zval) -> PhpResult<bool> {
 /// The body a Pusher auth endpoint returns for this socket and channel.
 #[php_function]
 #[php(name = "UploadProgress\\auth")]
-pub fn auth(socket_id: &str, channel: &str, channel_data: Option<&str>) -> PhpResult<String> {
+#[allow(non_snake_case)] // PHP parameter names are camelCase (named arguments).
+pub fn auth(socketId: &str, channel: &str, channelData: Option<&str>) -> PhpResult<String> {
     let cfg = ini::config();
     if cfg.app_secret.is_empty() {
         return Err(invalid_argument(format!(
@@ -73,9 +74,9 @@ pub fn auth(socket_id: &str, channel: &str, channel_data: Option<&str>) -> PhpRe
     pusher::channel_auth(
         &cfg.app_key,
         &cfg.app_secret,
-        socket_id,
+        socketId,
         channel,
-        channel_data,
+        channelData,
     )
     .map_err(invalid_argument)
 }
@@ -91,14 +92,17 @@ fn query_json(msg: &IngestMessage) -> Option<serde_json::Value> {
 /// Latest event data of an upload as the hub knows it; null when unknown.
 #[php_function]
 #[php(name = "UploadProgress\\progress")]
-pub fn progress(upload_id: &str) -> Option<Zval> {
-    if !crate::recorder::valid_progress_id(upload_id) {
+#[allow(non_snake_case)] // PHP parameter names are camelCase (named arguments).
+pub fn progress(uploadId: &str) -> Option<ZBox<ZendHashTable>> {
+    if !crate::recorder::valid_progress_id(uploadId) {
         return None;
     }
-    let value = query_json(&IngestMessage::QueryProgress {
-        upload_id: upload_id.to_owned(),
-    })?;
-    value.is_object().then(|| json_to_zval(&value))
+    match query_json(&IngestMessage::QueryProgress {
+        upload_id: uploadId.to_owned(),
+    })? {
+        serde_json::Value::Object(map) => Some(object_to_hashtable(&map)),
+        _ => None,
+    }
 }
 
 /// State of this host's hub.

@@ -190,7 +190,9 @@ fn parse_options(
 #[php_impl]
 impl Upload {
     /// Starts a new upload of `$totalBytes` bytes; the id is made here.
-    pub fn create(total_bytes: i64, options: Option<&ZendHashTable>) -> PhpResult<Upload> {
+    #[allow(non_snake_case)] // PHP parameter names are camelCase (named arguments).
+    pub fn create(totalBytes: i64, options: Option<&ZendHashTable>) -> PhpResult<Upload> {
+        let total_bytes = totalBytes;
         if total_bytes <= 0 {
             return Err(value_error(format!(
                 "Upload::create(): total bytes must be greater than 0, {total_bytes} given"
@@ -236,12 +238,14 @@ impl Upload {
 
     /// Stores chunk `$index` from `$sourceFile`, or from the request body when
     /// null. `$checksum` is `sha256:<hex>`. Returns status().
+    #[allow(non_snake_case)] // PHP parameter names are camelCase (named arguments).
     pub fn write_chunk(
         &self,
         index: i64,
-        source_file: Option<String>,
+        sourceFile: Option<String>,
         checksum: Option<String>,
     ) -> PhpResult<ZBox<ZendHashTable>> {
+        let source_file = sourceFile;
         let store = store()?;
         if index < 0 || index as u64 >= self.chunk_count {
             return Err(storage_error(crate::storage::StorageError::InvalidChunk(

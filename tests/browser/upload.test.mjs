@@ -101,7 +101,10 @@ test('kill -9 of the hub mid-upload: the upload still completes, no uncaught pag
       assert.ok(pids.length > 0, 'found the hub process');
       const mid = await rowInfo(page);
       for (const pid of pids) process.kill(pid, 'SIGKILL');
-      await waitFor(() => pids.every((pid) => { try { process.kill(pid, 0); return false; } catch { return true; } }), 5000, 'hub gone');
+      const gone = (pid) => {
+        try { return / [ZX] /.test(fs.readFileSync(`/proc/${pid}/stat`, 'utf8').replace(/^.*\)/, ')')); } catch { return true; }
+      };
+      await waitFor(() => pids.every(gone), 5000, 'hub gone');
       assert.ok(mid.done < mid.total, `the upload was still running when the hub died (${mid.done}/${mid.total})`);
       await waitForState(page, 'complete', TIMEOUT - 60_000);
       const row = await rowInfo(page);
