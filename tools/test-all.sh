@@ -58,11 +58,12 @@ f=$(echo "$out" | tail -3 | grep -oE "[0-9]+ (failed|error)" | grep -oE "[0-9]+"
 note integration "${p:-0}" "${f:-0}"
 
 if [ -f tests/browser/package.json ]; then
-  echo "== browser"
-  out=$(cd tests/browser && UPLOAD_PROGRESS_EXT=$EXT node --test 2>&1); rc=$?
-  echo "$out" | grep -E "^# (tests|pass|fail)|^not ok|browser:" | tail -20
-  p=$(echo "$out" | grep -E "^# pass" | grep -oE "[0-9]+" | head -1)
-  f=$(echo "$out" | grep -E "^# fail" | grep -oE "[0-9]+" | head -1)
+  echo "== browser (headless Chromium)"
+  out=$(cd tests/browser && UPLOAD_PROGRESS_EXT=$EXT node run.mjs 2>&1); rc=$?
+  echo "$out" | grep -E "^not ok|^# |browser:|Error" | tail -25
+  line=$(echo "$out" | grep -E "^browser: [0-9]+ passed, [0-9]+ failed" | tail -1)
+  p=$(echo "$line" | grep -oE "[0-9]+ passed" | grep -oE "[0-9]+")
+  f=$(echo "$line" | grep -oE "[0-9]+ failed" | grep -oE "[0-9]+")
   [ $rc -ne 0 ] && [ "${f:-0}" = 0 ] && f=1
   note browser "${p:-0}" "${f:-0}"
 fi

@@ -1,4 +1,6 @@
 //! Functions of the `UploadProgress` namespace.
+// PHP parameter names are camelCase (named arguments use them).
+#![allow(non_snake_case)]
 
 use crate::php::convert::{object_to_hashtable, write_json};
 use crate::php::errors::{invalid_argument, value_error};
@@ -62,7 +64,6 @@ pub fn publish(channel: &str, event: &str, data: &Zval) -> PhpResult<bool> {
 /// The body a Pusher auth endpoint returns for this socket and channel.
 #[php_function]
 #[php(name = "UploadProgress\\auth")]
-#[allow(non_snake_case)] // PHP parameter names are camelCase (named arguments).
 pub fn auth(socketId: &str, channel: &str, channelData: Option<&str>) -> PhpResult<String> {
     let cfg = ini::config();
     if cfg.app_secret.is_empty() {
@@ -92,7 +93,6 @@ fn query_json(msg: &IngestMessage) -> Option<serde_json::Value> {
 /// Latest event data of an upload as the hub knows it; null when unknown.
 #[php_function]
 #[php(name = "UploadProgress\\progress")]
-#[allow(non_snake_case)] // PHP parameter names are camelCase (named arguments).
 pub fn progress(uploadId: &str) -> Option<ZBox<ZendHashTable>> {
     if !crate::recorder::valid_progress_id(uploadId) {
         return None;

@@ -1,5 +1,7 @@
 //! `UploadProgress\Upload`: a thin wrapper over `storage::Store` that also
 //! reports progress to the hub while chunks stream in.
+// PHP parameter names are camelCase (named arguments use them).
+#![allow(non_snake_case)]
 
 use crate::php::convert::{key_string, object_to_hashtable};
 use crate::php::errors::{storage_error, value_error};
@@ -190,7 +192,6 @@ fn parse_options(
 #[php_impl]
 impl Upload {
     /// Starts a new upload of `$totalBytes` bytes; the id is made here.
-    #[allow(non_snake_case)] // PHP parameter names are camelCase (named arguments).
     pub fn create(totalBytes: i64, options: Option<&ZendHashTable>) -> PhpResult<Upload> {
         let total_bytes = totalBytes;
         if total_bytes <= 0 {
@@ -238,7 +239,6 @@ impl Upload {
 
     /// Stores chunk `$index` from `$sourceFile`, or from the request body when
     /// null. `$checksum` is `sha256:<hex>`. Returns status().
-    #[allow(non_snake_case)] // PHP parameter names are camelCase (named arguments).
     pub fn write_chunk(
         &self,
         index: i64,
