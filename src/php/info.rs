@@ -5,7 +5,9 @@ use ext_php_rs::zend::ModuleEntry;
 use ext_php_rs::{info_table_end, info_table_row, info_table_start};
 use std::panic::catch_unwind;
 
-pub extern "C" fn module_info(module: *mut ModuleEntry) {
+/// # Safety
+/// Called by PHP with its own module entry.
+pub unsafe extern "C" fn module_info(module: *mut ModuleEntry) {
     let _ = catch_unwind(|| {
         info_table_start!();
         info_table_row!("upload_progress support", "enabled");
@@ -31,6 +33,7 @@ pub extern "C" fn module_info(module: *mut ModuleEntry) {
         info_table_end!();
     });
     if let Some(syms) = sapi::get() {
-        syms.display_ini_entries(module);
+        // SAFETY: `module` is the entry PHP handed to this info function.
+        unsafe { syms.display_ini_entries(module) };
     }
 }

@@ -140,9 +140,11 @@ impl Symbols {
         }
     }
 
-    pub fn display_ini_entries(&self, module: *mut zend_module_entry) {
+    /// # Safety
+    /// `module` must be the module entry PHP passed to the info function.
+    pub unsafe fn display_ini_entries(&self, module: *mut zend_module_entry) {
         if let Some(f) = self.display_ini {
-            // SAFETY: module is the entry PHP passed to our info function.
+            // SAFETY: guaranteed by the caller.
             unsafe { f(module) }
         }
     }

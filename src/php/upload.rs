@@ -145,9 +145,15 @@ impl Upload {
     }
 }
 
-fn parse_options(
-    options: &ZendHashTable,
-) -> PhpResult<(Option<u64>, BTreeMap<String, String>, Option<String>)> {
+/// The `$options` of Upload::create.
+#[derive(Default)]
+struct CreateOptions {
+    chunk_size: Option<u64>,
+    metadata: BTreeMap<String, String>,
+    sha256: Option<String>,
+}
+
+fn parse_options(options: &ZendHashTable) -> PhpResult<CreateOptions> {
     let mut chunk_size = None;
     let mut metadata = BTreeMap::new();
     let mut sha256 = None;
@@ -186,7 +192,11 @@ fn parse_options(
             }
         }
     }
-    Ok((chunk_size, metadata, sha256))
+    Ok(CreateOptions {
+        chunk_size,
+        metadata,
+        sha256,
+    })
 }
 
 #[php_impl]
@@ -199,9 +209,13 @@ impl Upload {
                 "Upload::create(): total bytes must be greater than 0, {total_bytes} given"
             )));
         }
-        let (chunk_size, metadata, sha256) = match options {
+        let CreateOptions {
+            chunk_size,
+            metadata,
+            sha256,
+        } = match options {
             Some(o) => parse_options(o)?,
-            None => (None, BTreeMap::new(), None),
+            None => CreateOptions::default(),
         };
         let store = store()?;
         sweep(store);

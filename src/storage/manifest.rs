@@ -89,22 +89,79 @@ impl Manifest {
         self.expires_at != 0 && now >= self.expires_at
     }
 
+    /// Refuses a manifest that `create` and the writers could never have produced: the
+    /// file is data on disk (another process, another host, a tampered or damaged file),
+    /// and everything downstream (offsets, byte counts, the path handed to PHP) trusts it.
     fn check(&self, id: &str, path: &Path) -> Result<(), StorageError> {
-        let count_ok = self.chunk_size > 0
+        let inconsistent = |why: String| {
+            Err(StorageError::Io(format!(
+                "manifest {} is inconsistent: {why}",
+                path.display()
+            )))
+        };
+        if self.version != FORMAT_VERSION {
+            return inconsistent(format!(
+                "version {} (expected {FORMAT_VERSION})",
+                self.version
+            ));
+        }
+        if self.id != id {
+            return inconsistent(format!(
+                "id {:?} (expected {id:?})",
+                super::error::shorten(&self.id)
+            ));
+        }
+        let count_ok = (super::MIN_CHUNK_SIZE..=super::MAX_CHUNK_SIZE).contains(&self.chunk_size)
             && self.total_bytes > 0
             && self.chunk_count == self.total_bytes.div_ceil(self.chunk_size)
+            && self.chunk_count <= super::MAX_CHUNK_COUNT
             && self.stored.len() as u64 == self.chunk_count
             && self.stored.bytes().all(|b| b == b'0' || b == b'1');
-        if self.version != FORMAT_VERSION || self.id != id || !count_ok {
-            return Err(StorageError::Io(format!(
-                "manifest {} is inconsistent (version {}, id {:?}, {} chunks of {} bytes for {} bytes)",
-                path.display(),
-                self.version,
-                self.id,
+        if !count_ok {
+            return inconsistent(format!(
+                "{} chunks of {} bytes for {} bytes, {} stored flags",
                 self.chunk_count,
                 self.chunk_size,
-                self.total_bytes
-            )));
+                self.total_bytes,
+                self.stored.len()
+            ));
+        }
+        if let Some((i, h)) = self
+            .chunk_sha256
+            .iter()
+            .find(|(i, h)| **i >= self.chunk_count || !is_lower_hex64(h))
+        {
+            return inconsistent(format!(
+                "checksum of chunk {i}: {:?}",
+                super::error::shorten(h)
+            ));
+        }
+        if let Some(h) = self.sha256.as_deref().filter(|h| !is_lower_hex64(h)) {
+            return inconsistent(format!("sha256 {:?}", super::error::shorten(h)));
+        }
+        if let Err(e) = super::check_metadata(&self.metadata) {
+            return inconsistent(e.to_string());
+        }
+        // The path handed to PHP once complete is always `<root>/<id>/data`; the root may
+        // have been moved or reached through another name since, so only the tail is fixed.
+        let path_ok = match (&self.state, &self.path) {
+            (UploadState::Uploading, None) => true,
+            (UploadState::Uploading, Some(_)) | (UploadState::Complete, None) => false,
+            (UploadState::Complete, Some(p)) | (UploadState::Aborted, Some(p)) => {
+                let p = Path::new(p);
+                p.is_absolute() && p.ends_with(Path::new(id).join(super::DATA))
+            }
+            (UploadState::Aborted, None) => true,
+        };
+        if !path_ok {
+            return inconsistent(format!(
+                "state {:?} with path {:?}",
+                self.state,
+                self.path.as_deref().map(super::error::shorten)
+            ));
+        }
+        if self.state == UploadState::Complete && self.stored.contains('0') {
+            return inconsistent("complete with chunks missing".to_string());
         }
         Ok(())
     }
@@ -175,6 +232,12 @@ pub(crate) fn store(dir: &Path, m: &Manifest) -> Result<(), StorageError> {
     write().map_err(|e| io_error("writing", &tmp, &e))?;
     let path = dir.join(MANIFEST);
     fs::rename(&tmp, &path).map_err(|e| io_error("renaming into place", &path, &e))
+}
+
+fn is_lower_hex64(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// ENOENT or ENOTDIR: the file or its directory does not exist.

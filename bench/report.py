@@ -1,0 +1,147 @@
+"""Markdown tables of bench/run.py results (also: python3 bench/report.py results.json)."""
+from __future__ import annotations
+
+import json
+import sys
+
+
+def _f(v, fmt="%.0f"):
+    return "–" if v is None else fmt % v
+
+
+def t_record(R):
+    rows = R.get("record")
+    if not rows:
+        return ""
+    redis = next((r for r in rows if r["method"] == "redis"), None)
+    out = ["| way to record one progress update | median ns/call (p10–p90 of batch means) | vs publish() | calls | dropped |",
+           "|---|---:|---:|---:|---:|"]
+    pub = rows[0]["median_ns"]
+    for r in rows:
+        out.append("| %s | %s (%s–%s) | %s | %d | %d |" % (
+            r["label"], _f(r["median_ns"]), _f(r["p10_ns"]), _f(r["p90_ns"]),
+            "%.1f×" % (r["median_ns"] / pub), r["calls"], r["failed"]))
+    s = "\n".join(out)
+    if redis:
+        s += "\n\nRedis round trip / publish(): **%.1f×** (goal ≥ 15×); publish() median %.0f ns (goal ≤ 1 000 ns). " % (
+            redis["median_ns"] / pub, pub)
+        s += "Each figure includes the PHP loop around the call (an empty loop body measures %.0f ns)." % rows[0]["loop_ns"]
+    return s
+
+
+def t_hook(R):
+    h = R.get("hook")
+    if not h:
+        return ""
+    mb = h["bytes"] / (1 << 20)
+    return "\n".join([
+        "| PUT of %.0f MiB to a read-and-discard script | MB/s (runs) | median MB/s |" % mb,
+        "|---|---|---:|",
+        "| extension loaded, `X-Progress-ID` set (progress events to the hub) | %s | %.0f |" % (
+            ", ".join("%.0f" % x for x in h["with"]), h["median_with"]),
+        "| extension not loaded | %s | %.0f |" % (", ".join("%.0f" % x for x in h["without"]), h["median_without"]),
+        "", "Overhead of the body-progress hook: **%.2f %%** slower (goal < 2 %%; negative = faster)." % h["slower_pct"],
+    ])
+
+
+def t_upload(R):
+    u = R.get("upload")
+    if not u:
+        return ""
+    out = ["| %.0f MiB in 8 MiB chunks, 4 parallel | MB/s | CPU-s per GiB (server processes) | bytes written per byte | runs (MB/s) |" % (u["bytes"] / (1 << 20)),
+           "|---|---:|---:|---:|---|"]
+    for r in u["rows"]:
+        m = r["median"]
+        out.append("| %s | %.0f | %.2f | %.2f | %s |" % (r["label"], m["mbps"], m["cpu_s_per_gib"], m["written_per_byte"],
+                                                       ", ".join("%.0f" % x["mbps"] for x in r["runs"])))
+    rows = u["rows"]
+    if len(rows) >= 4:
+        up, tus, plain = rows[0]["median"], rows[3]["median"], rows[2]["median"]
+        out += ["", "Upload::writeChunk / @tus/server: **%.2f×** throughput (goal ≥ 1.5×, ≥ 650 MB/s), %.2f CPU-s/GiB (goal ≤ 1), "
+                "%.2f bytes written per byte (goal 1.0); / plain PHP: %.2f× throughput." % (
+                    up["mbps"] / tus["mbps"], up["cpu_s_per_gib"], up["written_per_byte"], up["mbps"] / plain["mbps"])]
+    return "\n".join(out)
+
+
+def t_fanout(R):
+    f = R.get("fanout")
+    if not f:
+        return ""
+    out = ["| subscribers | server | p50 ms | p99 ms | max ms | deliveries / expected | connect failures |",
+           "|---:|---|---:|---:|---:|---:|---:|"]
+    by = {}
+    for name, lab in (("hub", "hub (publish() → Unix socket → hub)"), ("node", "Node ws 8.23 (UDP side socket → broadcast)")):
+        for r in f[name]:
+            by.setdefault(r["requested"], []).append((lab, r))
+    for n in sorted(by):
+        for lab, r in by[n]:
+            out.append("| %d | %s | %.2f | %.2f | %.2f | %d / %d | %d |" % (
+                n, lab, r["p50_us"] / 1e3, r["p99_us"] / 1e3, r["max_us"] / 1e3, r["deliveries"], r["expected"],
+                r["connect_failed"]))
+    return "\n".join(out)
+
+
+def t_memory(R):
+    f = R.get("fanout")
+    if not f:
+        return ""
+    out = ["| server | connections | VmRSS before | VmRSS with them open (idle, subscribed) | per connection |",
+           "|---|---:|---:|---:|---:|"]
+    for name, lab in (("hub", "hub"), ("node", "Node ws 8.23")):
+        if f[name]:
+            r = max(f[name], key=lambda x: x["requested"])
+            out.append("| %s | %d | %d KiB | %d KiB | **%.2f KiB** |" % (lab, r["connections"], r["rss_before_kib"],
+                                                                       r["rss_after_kib"], r["rss_per_conn_bytes"] / 1024))
+    return "\n".join(out)
+
+
+def t_storm(R):
+    s = R.get("storm")
+    if not s:
+        return ""
+    return "\n".join([
+        "| reconnect storm (%d clients, hub killed with SIGKILL, restarted) | ms after the kill |" % s["connections"],
+        "|---|---:|",
+        "| new hub listening | %s |" % _f(s["hub_up_ms"], "%.0f"),
+        "| latest event published to the new hub | %s |" % _f(s["published_ms"], "%.0f"),
+        "| all clients reconnected (%d/%d) | %s |" % (s["reconnected"], s["connections"], _f(s["all_reconnected_ms"])),
+        "| all resubscribed (%d/%d) | %s |" % (s["resubscribed"], s["connections"], _f(s["all_resubscribed_ms"])),
+        "| all received the latest event (%d/%d): p50 / p99 / last | %s / %s / **%s** |" % (
+            s["got_latest"], s["connections"], _f(s["got_latest_p50_ms"]), _f(s["got_latest_p99_ms"]), _f(s["all_got_latest_ms"])),
+        "| connection attempts / refused or failed | %d / %d |" % (s["attempts"], s["failures"]),
+    ])
+
+
+SECTIONS = [("1. Recording one progress update", t_record), ("2. Body-progress hook overhead", t_hook),
+            ("3. Chunked upload throughput", t_upload), ("4. Hub fan-out latency", t_fanout),
+            ("5. Memory per idle WebSocket connection", t_memory), ("6. Reconnect storm", t_storm)]
+
+
+def tables(R):
+    parts = []
+    for title, fn in SECTIONS:
+        t = fn(R)
+        if t:
+            parts.append("### %s\n\n%s\n" % (title, t))
+    return "\n".join(parts)
+
+
+def render(R, notes=""):
+    m = R["machine"]
+    head = f"""# Benchmarks
+
+Generated by `make bench` (bench/run.py, scale `{R['scale']}`) on {m['date']}; the run took {R['elapsed_s']:.0f} s.
+
+Machine: {m['nproc']} cores, {m['cpu']} (SHA-NI: {'yes' if m['sha_ni'] else 'no'}), {m['mem_gib']} GiB RAM, Linux {m['kernel']},
+load average at the start {' '.join(m['loadavg'])} (a shared machine: other jobs ran beside the benchmark).
+
+Versions: {m['php']}; {m['nginx']}; node {m['node']} (ws {m['ws']}, {m['tus']}); {m['redis']};
+upload_progress {m['extension']} (git {m['git']}, {m['rustc']}).
+
+"""
+    cmds = "\n".join(R.get("commands", []))
+    return head + tables(R) + "\n" + notes + "\n## Commands of this run\n\n```\n" + cmds + "\n```\n"
+
+
+if __name__ == "__main__":
+    print(tables(json.load(open(sys.argv[1]))))
