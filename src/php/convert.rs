@@ -34,7 +34,13 @@ pub fn write_json(zv: &Zval, out: &mut String, depth: usize) -> Result<(), Strin
                 out.push(',');
             }
             if !is_list {
-                write_json_str(&key_string(key), out);
+                match key {
+                    ArrayKey::Long(n) => {
+                        let _ = write!(out, "\"{n}\"");
+                    }
+                    ArrayKey::Str(k) => write_json_str(k, out),
+                    other => write_json_str(&key_string(other), out),
+                }
                 out.push(':');
             }
             write_json(value, out, depth + 1)?;
@@ -51,6 +57,11 @@ pub fn write_json(zv: &Zval, out: &mut String, depth: usize) -> Result<(), Strin
 
 fn write_json_str(s: &str, out: &mut String) {
     out.push('"');
+    if !s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
     for c in s.chars() {
         match c {
             '"' => out.push_str("\\\""),

@@ -51,6 +51,10 @@ def test_script_publish_reaches_websocket_client(make_stack):
     targets = [os.readlink(f"/proc/{info['pid']}/fd/{fd}") for fd in fds]
     assert not any(s.run_dir in t and t.endswith(".sock") and "fpm" in t for t in targets), targets
     c.close()
+    # the extension loads into php-fpm without any warning in the FPM log
+    log = "".join(p.read_text() for p in (Path(s.run_dir) / "fpm.log", Path(s.run_dir) / "php-error.log")
+                  if p.exists())
+    assert not [l for l in log.splitlines() if "WARNING" in l or "ERROR" in l or "Warning" in l], log
 
 
 def test_private_channel_auth(make_stack):
