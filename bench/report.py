@@ -67,17 +67,17 @@ def t_fanout(R):
     f = R.get("fanout")
     if not f:
         return ""
-    out = ["| subscribers | server | p50 ms | p99 ms | max ms | deliveries / expected | connect failures |",
-           "|---:|---|---:|---:|---:|---:|---:|"]
+    out = ["| subscribers | server | p50 ms | p99 ms | max ms | deliveries / expected | connect failures | server CPU ms / event | load client CPU ms / event |",
+           "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     by = {}
     for name, lab in (("hub", "hub (publish() → Unix socket → hub)"), ("node", "Node ws 8.23 (UDP side socket → broadcast)")):
         for r in f[name]:
             by.setdefault(r["requested"], []).append((lab, r))
     for n in sorted(by):
         for lab, r in by[n]:
-            out.append("| %d | %s | %.2f | %.2f | %.2f | %d / %d | %d |" % (
+            out.append("| %d | %s | %.2f | %.2f | %.2f | %d / %d | %d | %s | %s |" % (
                 n, lab, r["p50_us"] / 1e3, r["p99_us"] / 1e3, r["max_us"] / 1e3, r["deliveries"], r["expected"],
-                r["connect_failed"]))
+                r["connect_failed"], _f(r.get("server_cpu_ms_per_event"), "%.1f"), _f(r.get("loadgen_cpu_ms_per_event"), "%.1f")))
     return "\n".join(out)
 
 
@@ -141,6 +141,57 @@ upload_progress {m['extension']} (git {m['git']}, {m['rustc']}).
 """
     cmds = "\n".join(R.get("commands", []))
     return head + tables(R) + "\n" + notes + "\n## Commands of this run\n\n```\n" + cmds + "\n```\n"
+
+
+
+def goals(R):
+    """(goal, measured, met) rows against TARGETS.md."""
+    g = []
+    rec = R.get("record") or []
+    if rec:
+        pub = rec[0]["median_ns"]
+        redis = next((r for r in rec if r["method"] == "redis"), None)
+        g.append(("publish() ≤ 1 µs median", "%.2f µs" % (pub / 1e3), pub <= 1000))
+        if redis:
+            g.append(("publish() ≥ 15× cheaper than phpredis hSet+publish", "%.1f×" % (redis["median_ns"] / pub),
+                      redis["median_ns"] / pub >= 15))
+    h = R.get("hook")
+    if h:
+        g.append(("body-progress hook < 2 % slower (1 GiB PUT)", "%.2f %%" % h["slower_pct"], h["slower_pct"] < 2))
+    u = R.get("upload")
+    if u and len(u["rows"]) >= 4:
+        up, tus = u["rows"][0]["median"], u["rows"][3]["median"]
+        g.append(("upload ≥ 650 MB/s and ≥ 1.5× @tus/server", "%.0f MB/s, %.2f×" % (up["mbps"], up["mbps"] / tus["mbps"]),
+                  up["mbps"] >= 650 and up["mbps"] / tus["mbps"] >= 1.5))
+        g.append(("upload ≤ 1 CPU-s per GiB", "%.2f CPU-s" % up["cpu_s_per_gib"], up["cpu_s_per_gib"] <= 1))
+        g.append(("upload 1.0 byte written per byte", "%.2f" % up["written_per_byte"], up["written_per_byte"] <= 1.05))
+    f = R.get("fanout")
+    if f and f["hub"]:
+        big = max(f["hub"], key=lambda x: x["requested"])
+        one = min(f["hub"], key=lambda x: x["requested"])
+        g.append(("idle connection ≤ 4 KiB RSS", "%.2f KiB" % (big["rss_per_conn_bytes"] / 1024),
+                  big["rss_per_conn_bytes"] <= 4096))
+        g.append(("one event to %d subscribers: p99 ≤ 60 ms" % big["requested"], "%.1f ms" % (big["p99_us"] / 1e3),
+                  big["p99_us"] <= 60_000))
+        if one["requested"] == 1:
+            g.append(("publish() → 1 subscriber p50 ≤ 1 ms", "%.2f ms" % (one["p50_us"] / 1e3), one["p50_us"] <= 1000))
+        g.append(("%d connections held, 0 lost" % big["requested"],
+                  "%d connected, %d/%d deliveries" % (big["connections"], big["deliveries"], big["expected"]),
+                  big["connect_failed"] == 0 and big["deliveries"] == big["expected"]))
+    return g
+
+
+def t_goals(R):
+    rows = goals(R)
+    if not rows:
+        return ""
+    out = ["| goal (TARGETS.md) | measured | met? |", "|---|---:|---|"]
+    for name, val, ok in rows:
+        out.append("| %s | %s | %s |" % (name, val, "yes" if ok else "**no**"))
+    return "\n".join(out)
+
+
+SECTIONS.insert(0, ("Goals at a glance", t_goals))
 
 
 if __name__ == "__main__":

@@ -492,9 +492,13 @@ def fanout_once(server, n, events, publish_argv_fn, pid):
     rss1 = vm_rss_kib(pid)
     argv = publish_argv_fn(events, interval)
     COMMANDS.append(" ".join(argv))
+    cpu0, lcpu0 = proc_cpu_s(pid), proc_cpu_s(lg.p.pid)
     subprocess.run(argv, check=True, capture_output=True)
     out = json.loads(lg.cmd("COLLECT %d %d" % (events, 20)))
+    cpu1, lcpu1 = proc_cpu_s(pid), proc_cpu_s(lg.p.pid)
     lg.close()
+    out["server_cpu_ms_per_event"] = (cpu1 - cpu0) * 1e3 / events
+    out["loadgen_cpu_ms_per_event"] = (lcpu1 - lcpu0) * 1e3 / events
     out.update({"requested": n, "connect_failed": lg.failed, "connect_ms": lg.connect_ms, "first_error": lg.err,
                 "rss_before_kib": rss0, "rss_after_kib": rss1,
                 "rss_per_conn_bytes": (rss1 - rss0) * 1024 / max(1, lg.ok)})
@@ -654,7 +658,9 @@ if __name__ == "__main__":
             json.dump(RESULTS, f, indent=1)
         log("results in", path, "after %.0f s" % RESULTS["elapsed_s"])
     import report  # noqa: E402
-    md = report.render(RESULTS)
+    notes_path = os.path.join(BENCH, "analysis.md")
+    notes = open(notes_path).read() if os.path.exists(notes_path) else ""
+    md = report.render(RESULTS, notes)
     print(report.tables(RESULTS))
     if args.out:
         with open(args.out, "w") as f:

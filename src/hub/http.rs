@@ -14,7 +14,8 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
 
-use super::state::{data_seq, Ctx};
+use super::redis::{dispatch, Op};
+use super::state::data_seq;
 use super::{lock, log, ws, Hub, Metrics};
 use crate::protocol::pusher;
 
@@ -574,18 +575,21 @@ async fn events_api(
             Err((status, m)) => return (status, error_body(&m)),
         }
     }
-    let ctx = Ctx {
-        m: &hub.m,
-        cap: hub.tun.queue_cap,
-    };
-    let mut st = lock(&hub.state);
-    for c in &checked {
+    for c in checked.iter() {
         let seq = data_seq(&c.data);
         for ch in &c.channels {
-            st.deliver(&ctx, ch, &c.name, &c.data, seq, c.exclude);
+            dispatch(
+                hub,
+                Op::Event {
+                    channel: ch.clone(),
+                    event: c.name.clone(),
+                    data: c.data.clone(),
+                    seq,
+                    exclude: c.exclude,
+                },
+            );
         }
     }
-    drop(st);
     if batch {
         let items: Vec<serde_json::Value> = checked.iter().map(|_| serde_json::json!({})).collect();
         (200, serde_json::json!({ "batch": items }).to_string())
@@ -602,7 +606,9 @@ pub(crate) fn metrics_text(hub: &Hub) -> String {
         (st.channel_count(), st.subscriptions, st.retained_count())
     };
     let m = &hub.m;
-    let rows: [(&str, &str, &str, u64); 11] = [
+    let redis = hub.redis.as_ref();
+    let rget = |f: fn(&super::redis::Bridge) -> u64| redis.map_or(0, |b| f(b));
+    let rows: [(&str, &str, &str, u64); 15] = [
         (
             "connections",
             "gauge",
@@ -662,6 +668,30 @@ pub(crate) fn metrics_text(hub: &Hub) -> String {
             "counter",
             "Ingest connections closed for a malformed frame or a foreign uid.",
             Metrics::get(&m.ingest_errors),
+        ),
+        (
+            "redis_connected",
+            "gauge",
+            "1 when the Redis bridge is connected (0 when down or not configured).",
+            rget(|b| u64::from(b.connected.load(std::sync::atomic::Ordering::Relaxed))),
+        ),
+        (
+            "redis_errors_total",
+            "counter",
+            "Redis failures: connects, lost connections, failed or timed out commands.",
+            rget(|b| Metrics::get(&b.errors)),
+        ),
+        (
+            "redis_published_total",
+            "counter",
+            "Events this hub published through Redis.",
+            rget(|b| Metrics::get(&b.published)),
+        ),
+        (
+            "redis_received_total",
+            "counter",
+            "Events of other hubs received from Redis.",
+            rget(|b| Metrics::get(&b.received)),
         ),
         (
             "uptime_seconds",

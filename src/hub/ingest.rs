@@ -11,7 +11,8 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
 use super::http::MAX_EVENT_DATA;
-use super::state::{data_seq, Ctx};
+use super::redis::{dispatch, Op};
+use super::state::data_seq;
 use super::{lock, log, Hub, Metrics};
 use crate::protocol::ingest::{self, IngestMessage};
 use crate::protocol::pusher;
@@ -83,7 +84,7 @@ async fn connection(hub: Arc<Hub>, mut s: UnixStream, mut down: watch::Receiver<
                 Ok(Some((len, total))) => {
                     let body = &buf[off + 4..off + 4 + len];
                     match ingest::decode(body) {
-                        Ok(msg) => handle(&hub, msg, &mut reply),
+                        Ok(msg) => handle(&hub, msg, &mut reply).await,
                         Err(e) => {
                             log(format_args!("ingest connection closed: {e}"));
                             Metrics::add(&hub.m.ingest_errors, 1);
@@ -126,11 +127,7 @@ async fn connection(hub: Arc<Hub>, mut s: UnixStream, mut down: watch::Receiver<
     }
 }
 
-fn handle(hub: &Hub, msg: IngestMessage, reply: &mut Vec<u8>) {
-    let ctx = Ctx {
-        m: &hub.m,
-        cap: hub.tun.queue_cap,
-    };
+async fn handle(hub: &Hub, msg: IngestMessage, reply: &mut Vec<u8>) {
     match msg {
         IngestMessage::Hello { version, dropped } => {
             Metrics::add(&hub.m.events_dropped, dropped);
@@ -156,30 +153,58 @@ fn handle(hub: &Hub, msg: IngestMessage, reply: &mut Vec<u8>) {
                 return;
             }
             let seq = data_seq(&data);
-            lock(&hub.state).deliver(&ctx, &channel, &event, &data, seq, None);
+            dispatch(
+                hub,
+                Op::Event {
+                    channel,
+                    event,
+                    data,
+                    seq,
+                    exclude: None,
+                },
+            );
         }
-        IngestMessage::Progress(r) => lock(&hub.state).progress(&ctx, &r),
+        IngestMessage::Progress(r) => dispatch(hub, Op::Progress(r)),
         IngestMessage::StreamEnd {
             upload_id,
             stream,
             outcome,
             stored_bytes,
             chunks_done,
-        } => lock(&hub.state).stream_end(
-            &ctx,
-            &upload_id,
-            stream,
-            outcome,
-            stored_bytes,
-            chunks_done,
+        } => dispatch(
+            hub,
+            Op::StreamEnd {
+                upload_id,
+                stream,
+                outcome,
+                stored_bytes,
+                chunks_done,
+            },
         ),
         IngestMessage::Terminal {
             upload_id,
             event,
             fields,
-        } => lock(&hub.state).terminal(&ctx, &upload_id, &event, &fields),
+        } => dispatch(
+            hub,
+            Op::Terminal {
+                upload_id,
+                event,
+                fields,
+            },
+        ),
         IngestMessage::QueryProgress { upload_id } => {
-            let data = lock(&hub.state).latest_upload_data(&upload_id);
+            let mut data = lock(&hub.state).latest_upload_data(&upload_id);
+            if let Some(b) = &hub.redis {
+                // Other hosts may know newer events (this hub sees them only
+                // while it has subscribers): the higher seq wins.
+                if let Some(remote) = b.latest_upload_data(&upload_id).await {
+                    let local_seq = data.as_deref().and_then(data_seq).unwrap_or(0);
+                    if data.is_none() || data_seq(&remote).unwrap_or(0) > local_seq {
+                        data = Some(remote);
+                    }
+                }
+            }
             ingest::encode_raw(data.as_deref().unwrap_or("").as_bytes(), reply);
         }
         IngestMessage::QueryStatus => {

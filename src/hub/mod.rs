@@ -7,7 +7,8 @@
 //! - `state.rs`: channels, subscribers, fan-out, latest events, upload aggregation;
 //! - `http.rs`: the HTTP request head, routing, events API, `/health`, `/metrics`;
 //! - `ws.rs`: one task per WebSocket connection (Pusher protocol);
-//! - `ingest.rs`: the Unix socket PHP processes write to.
+//! - `ingest.rs`: the Unix socket PHP processes write to;
+//! - `redis.rs`: the bridge between the hubs of several hosts (`redis_url`).
 //!
 //! Error codes sent to WebSocket clients (`pusher:error` data `{"code","message"}`):
 //! 4000 malformed message / unsupported event (connection kept), 4001 unknown app
@@ -18,6 +19,7 @@
 
 mod http;
 mod ingest;
+mod redis;
 mod state;
 mod ws;
 
@@ -113,6 +115,10 @@ pub(crate) struct Tunables {
     pub sweep_every: Duration,
     /// Closing all connections at shutdown is spread over this long.
     pub close_spread: Duration,
+    /// Period of the PING that detects a dead Redis connection.
+    pub redis_ping_every: Duration,
+    /// Deadline of one Redis command (and of a connect, twice this).
+    pub redis_timeout: Duration,
 }
 
 impl Default for Tunables {
@@ -125,6 +131,8 @@ impl Default for Tunables {
             retention: Duration::from_secs(3600),
             sweep_every: Duration::from_secs(30),
             close_spread: Duration::from_millis(1000),
+            redis_ping_every: Duration::from_secs(1),
+            redis_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -161,6 +169,8 @@ pub(crate) struct Hub {
     pub state: Mutex<State>,
     pub conns: Mutex<HashMap<u64, Arc<Conn>>>,
     pub m: Metrics,
+    /// The Redis bridge, when `redis_url` is set (and valid).
+    pub redis: Option<Arc<redis::Bridge>>,
     next_id: AtomicU64,
     seed: u64,
     pub stopping: AtomicBool,
@@ -209,6 +219,11 @@ impl Hub {
             "events_out": Metrics::get(&self.m.events_out),
             "events_dropped": Metrics::get(&self.m.events_dropped),
             "slow_consumer_evictions": Metrics::get(&self.m.evictions),
+            "redis": self.redis.as_ref().map(|b| serde_json::json!({
+                "connected": b.connected.load(Ordering::Relaxed),
+                "hub_id": b.id,
+                "errors": Metrics::get(&b.errors),
+            })),
         })
         .to_string()
     }
@@ -320,6 +335,25 @@ pub(crate) async fn serve(
         .map_err(|e| format!("cannot use the ingest socket: {e}"))?;
 
     let (stop_tx, mut stop_rx) = mpsc::channel::<String>(4);
+    let seed = random_seed();
+    let bridge = if config.redis_url.trim().is_empty() {
+        None
+    } else {
+        match redis::parse_redis_url(&config.redis_url) {
+            Ok(settings) => Some(Arc::new(redis::Bridge::new(
+                settings,
+                &config.app_id,
+                config.expire_seconds,
+                format!("{:016x}", splitmix64(seed ^ 0x5eed)),
+                tun.redis_ping_every,
+                tun.redis_timeout,
+            ))),
+            Err(e) => {
+                log(format_args!("{e}: running as a single host"));
+                None
+            }
+        }
+    };
     let hub = Arc::new(Hub {
         cfg: config,
         version,
@@ -329,8 +363,9 @@ pub(crate) async fn serve(
         state: Mutex::new(State::default()),
         conns: Mutex::new(HashMap::new()),
         m: Metrics::default(),
+        redis: bridge,
         next_id: AtomicU64::new(1),
-        seed: random_seed(),
+        seed,
         stopping: AtomicBool::new(false),
         stop_tx,
     });
@@ -346,6 +381,7 @@ pub(crate) async fn serve(
     let (down_tx, down_rx) = watch::channel(false);
     let tcp_task = tokio::spawn(http::accept_loop(hub.clone(), tcp, down_rx.clone()));
     let ingest_task = tokio::spawn(ingest::accept_loop(hub.clone(), ingest, down_rx.clone()));
+    let redis_tasks = redis::start(&hub, down_rx.clone());
     let sweeper = tokio::spawn(sweep_loop(hub.clone(), down_rx));
 
     let reason = tokio::select! {
@@ -354,7 +390,9 @@ pub(crate) async fn serve(
         r = watch(watch_pid) => r,
     };
     log(format_args!("shutting down: {reason}"));
-    shutdown(&hub, down_tx, [tcp_task, ingest_task, sweeper]).await;
+    let mut tasks = vec![tcp_task, ingest_task, sweeper];
+    tasks.extend(redis_tasks);
+    shutdown(&hub, down_tx, tasks).await;
     log(format_args!("stopped"));
     Ok(())
 }
@@ -362,7 +400,7 @@ pub(crate) async fn serve(
 async fn shutdown(
     hub: &Arc<Hub>,
     down_tx: watch::Sender<bool>,
-    tasks: [tokio::task::JoinHandle<()>; 3],
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 ) {
     hub.stopping.store(true, Ordering::SeqCst);
     let _ = down_tx.send(true);

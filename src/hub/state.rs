@@ -319,6 +319,8 @@ pub(crate) struct State {
 pub(crate) struct Subscribed {
     pub data: String,
     pub replay: Option<Utf8Bytes>,
+    /// The channel had no local subscriber before.
+    pub first: bool,
 }
 
 pub(crate) fn upload_channel(upload_id: &str) -> String {
@@ -399,8 +401,10 @@ impl State {
             return Subscribed {
                 data: "{}".into(),
                 replay: None,
+                first: false,
             };
         };
+        let first = ch.subs.is_empty();
         if ch.subs.insert(conn.id, conn.clone()).is_none() {
             self.subscriptions += 1;
         }
@@ -442,13 +446,19 @@ impl State {
         if replay.is_some() {
             Metrics::add(&ctx.m.events_out, 1);
         }
-        Subscribed { data, replay }
+        Subscribed {
+            data,
+            replay,
+            first,
+        }
     }
 
-    pub fn unsubscribe(&mut self, ctx: &Ctx<'_>, conn: &Conn, channel: &str) {
+    /// Removes `conn` from `channel`; true when the channel has no local subscriber left.
+    pub fn unsubscribe(&mut self, ctx: &Ctx<'_>, conn: &Conn, channel: &str) -> bool {
         let Some(ch) = self.channels.get_mut(channel) else {
-            return;
+            return false;
         };
+        let had = !ch.subs.is_empty();
         if ch.subs.remove(&conn.id).is_some() {
             self.subscriptions = self.subscriptions.saturating_sub(1);
         }
@@ -477,9 +487,88 @@ impl State {
             let n = fan_out(ctx, ch, &text, None);
             self.subscriptions = self.subscriptions.saturating_sub(n);
         }
+        let emptied = had && ch.subs.is_empty();
         if ch.subs.is_empty() && ch.latest.is_none() {
             self.channels.remove(channel);
         }
+        emptied
+    }
+
+    // ------------------------------------------------------------ redis bridge
+
+    /// Highest seq delivered on `channel` (0: none).
+    pub fn last_seq(&self, channel: &str) -> u64 {
+        self.channels.get(channel).map_or(0, |c| c.last_seq)
+    }
+
+    /// Channels with at least one local subscriber.
+    pub fn subscribed_channels(&self) -> Vec<Box<str>> {
+        self.channels
+            .iter()
+            .filter(|(_, c)| !c.subs.is_empty())
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// Event name, data and seq of the latest event of `channel`.
+    pub fn latest_parts(&self, channel: &str) -> Option<(String, String, Option<u64>)> {
+        #[derive(serde::Deserialize)]
+        struct F {
+            event: String,
+            data: String,
+        }
+        let ch = self.channels.get(channel)?;
+        let f: F = serde_json::from_str(ch.latest.as_ref()?.as_str()).ok()?;
+        let seq = data_seq(&f.data).filter(|s| *s == ch.last_seq);
+        Some((f.event, f.data, seq))
+    }
+
+    /// Delivers an event that came through Redis (or was built there); a
+    /// terminal upload event closes the local aggregation of that upload.
+    pub fn deliver_remote(
+        &mut self,
+        ctx: &Ctx<'_>,
+        channel: &str,
+        event: &str,
+        data: &str,
+        seq: Option<u64>,
+        exclude: Option<(u64, u32)>,
+    ) -> bool {
+        if !self.deliver(ctx, channel, event, data, seq, exclude) {
+            return false;
+        }
+        if let Some(id) = channel.strip_prefix("private-upload.") {
+            if matches!(
+                event,
+                "complete" | "completed" | "aborted" | "abort" | "failed" | "fail" | "error"
+            ) {
+                self.uploads.remove(id);
+                if let Some(ch) = self.channels.get_mut(channel) {
+                    ch.finished = true;
+                }
+            }
+        }
+        true
+    }
+
+    /// A latest event fetched from Redis: delivered when it is newer than
+    /// what this hub has (by seq; without seq only when there is nothing).
+    pub fn offer_latest(
+        &mut self,
+        ctx: &Ctx<'_>,
+        channel: &str,
+        event: &str,
+        data: &str,
+        seq: Option<u64>,
+    ) -> bool {
+        let Some(ch) = self.channels.get(channel) else {
+            return false;
+        };
+        let newer = match seq {
+            Some(s) => s > ch.last_seq,
+            None => ch.latest.is_none(),
+        };
+        newer && self.deliver_remote(ctx, channel, event, data, seq, None)
     }
 
     /// The JSON data of the latest event of `private-upload.<id>`.

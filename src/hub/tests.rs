@@ -868,6 +868,7 @@ async fn session_future_is_small() {
         state: Default::default(),
         conns: Default::default(),
         m: Default::default(),
+        redis: None,
         next_id: Default::default(),
         seed: 0,
         stopping: Default::default(),
@@ -885,3 +886,6 @@ async fn session_future_is_small() {
     drop(fut);
     hub.stop().await;
 }
+
+/// Two hubs sharing a real redis-server (skipped when none is installed).
+mod redis_bridge;

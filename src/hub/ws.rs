@@ -139,8 +139,15 @@ pub(crate) async fn session(hub: Arc<Hub>, mut ws: Ws, conn: Arc<Conn>) {
             cap: hub.tun.queue_cap,
         };
         let mut st = lock(&hub.state);
+        let mut emptied = false;
         for ch in &subs {
-            st.unsubscribe(&ctx, &conn, ch);
+            emptied |= st.unsubscribe(&ctx, &conn, ch);
+        }
+        drop(st);
+        if emptied {
+            if let Some(b) = &hub.redis {
+                b.subscriptions_changed();
+            }
         }
     }
     drop(subs);
@@ -305,7 +312,12 @@ fn handle_text(
                         m: &hub.m,
                         cap: hub.tun.queue_cap,
                     };
-                    lock(&hub.state).unsubscribe(&ctx, conn, ch);
+                    let emptied = lock(&hub.state).unsubscribe(&ctx, conn, ch);
+                    if emptied {
+                        if let Some(b) = &hub.redis {
+                            b.subscriptions_changed();
+                        }
+                    }
                 }
             }
             Vec::new()
@@ -384,6 +396,16 @@ fn subscribe(
     let sub = lock(&hub.state).subscribe(&ctx, conn, channel, member);
     if !already {
         subs.push(channel.into());
+    }
+    if let Some(b) = &hub.redis {
+        if sub.first {
+            b.subscriptions_changed();
+        }
+        if sub.replay.is_none() {
+            // Another host may have the latest event: it is replayed through
+            // the connection's queue, after subscription_succeeded.
+            b.request_latest(channel);
+        }
     }
     let mut out = Vec::with_capacity(2);
     out.push(Utf8Bytes::from(frame(

@@ -20,6 +20,15 @@ impl Hub {
     /// Runs the hub until SIGTERM/SIGINT (or until the watched FPM master exits).
     pub fn run() -> PhpResult<()> {
         let cfg = ini::config().clone();
+        // The PHP CLI installs its own SIGTERM/SIGINT handlers, which the hub's
+        // handlers would chain to: they re-raise and kill the process before
+        // the graceful shutdown (close 4200) can run.
+        // SAFETY: resetting signal dispositions in this single PHP thread,
+        // before the hub's runtime starts.
+        unsafe {
+            libc::signal(libc::SIGTERM, libc::SIG_DFL);
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+        }
         let listener = match spawn::inherited_listener() {
             Some(fd) => fd,
             None => spawn::bind_listener(&cfg.hub_socket).map_err(|e| {

@@ -8,7 +8,7 @@ use crate::php::errors::{storage_error, value_error};
 use crate::php::{ini, recorder, sapi};
 use crate::protocol::ingest::{IngestMessage, ProgressReport, StreamOutcome};
 use crate::recorder::Throttle;
-use crate::storage::{Store, StoreOptions, UploadStatus};
+use crate::storage::{Store, StoreOptions, UploadState, UploadStatus};
 use ext_php_rs::boxed::ZBox;
 use ext_php_rs::flags::ClassFlags;
 use ext_php_rs::prelude::*;
@@ -41,12 +41,15 @@ fn status_array(status: &UploadStatus) -> PhpResult<ZBox<ZendHashTable>> {
     }
 }
 
-/// Removes expired uploads (at most once a minute per process and directory)
-/// and tells their subscribers.
+/// Removes expired uploads (at most once a minute per directory) and tells
+/// the subscribers of those that never completed.
 fn sweep(store: &Store) {
-    for id in store.sweep_expired() {
+    for swept in store.sweep_expired_detailed() {
+        if swept.state == UploadState::Complete {
+            continue;
+        }
         recorder::send(&IngestMessage::Terminal {
-            upload_id: id,
+            upload_id: swept.id,
             event: "failed".into(),
             fields: "{\"error\":\"expired\"}".into(),
         });

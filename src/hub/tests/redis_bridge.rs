@@ -1,0 +1,273 @@
+//! Two hubs bridged by a real redis-server started on a free port (the tests
+//! are skipped, with a message, when `redis-server` is not installed).
+
+use super::*;
+
+struct RedisServer {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+fn redis_binary() -> Option<&'static str> {
+    ["/usr/bin/redis-server", "/usr/local/bin/redis-server"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+}
+
+impl RedisServer {
+    async fn start(port: u16) -> Option<RedisServer> {
+        let bin = redis_binary()?;
+        let dir = tempfile::tempdir().unwrap();
+        let child = std::process::Command::new(bin)
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .args(["--appendonly", "no", "--dir"])
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut child = child;
+        for _ in 0..100 {
+            if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                return Some(RedisServer {
+                    child,
+                    port,
+                    _dir: dir,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("redis-server did not start");
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn bridged(url: &str) -> TestHub {
+    let mut cfg = config();
+    cfg.redis_url = url.into();
+    let tun = Tunables {
+        redis_ping_every: Duration::from_millis(200),
+        redis_timeout: Duration::from_millis(500),
+        ..Tunables::default()
+    };
+    let hub = start_with(cfg, tun).await;
+    hub.wait_redis(1).await;
+    hub
+}
+
+impl TestHub {
+    async fn wait_redis(&self, want: u64) {
+        for _ in 0..200 {
+            if self.metric("redis_connected").await == want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("redis_connected never became {want}");
+    }
+}
+
+/// Publishes through `hub` until `ws` receives the event (the Redis
+/// subscription of the other hub is set up asynchronously).
+async fn until_bridged(ing: &mut UnixStream, ws: &mut Client, channel: &str) {
+    for i in 0..100 {
+        send_ingest(ing, &publish(channel, "probe", &format!("{{\"i\":{i}}}"))).await;
+        let got = tokio::time::timeout(Duration::from_millis(100), ws.next()).await;
+        if let Ok(Some(Ok(Message::Text(t)))) = got {
+            let v: Value = serde_json::from_str(t.as_str()).unwrap();
+            if v["event"] == "probe" {
+                // Drain the other probes in flight.
+                while let Ok(Some(Ok(_))) =
+                    tokio::time::timeout(Duration::from_millis(100), ws.next()).await
+                {
+                }
+                return;
+            }
+        }
+    }
+    panic!("events never crossed the bridge");
+}
+
+fn report(id: &str, stream: u64, inflight: u64, stored: u64, done: u32) -> IngestMessage {
+    IngestMessage::Progress(ProgressReport {
+        upload_id: id.into(),
+        stream,
+        bytes_total: 4000,
+        chunk_count: 4,
+        stored_bytes: stored,
+        chunks_done: done,
+        inflight,
+    })
+}
+
+fn end(id: &str, stream: u64, stored: u64, done: u32) -> IngestMessage {
+    IngestMessage::StreamEnd {
+        upload_id: id.into(),
+        stream,
+        outcome: StreamOutcome::Stored,
+        stored_bytes: stored,
+        chunks_done: done,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_and_uploads_cross_hosts() {
+    let Some(redis) = RedisServer::start(free_port()).await else {
+        eprintln!("redis-server not installed: skipped");
+        return;
+    };
+    let a = bridged(&redis.url()).await;
+    let b = bridged(&redis.url()).await;
+    let mut ing_a = a.ingest().await;
+    let mut ing_b = b.ingest().await;
+
+    // A client on B; events published on A reach it.
+    let (mut ws, sid) = b.ws().await;
+    assert_eq!(
+        subscribe(&mut ws, &sid, "news").await["event"],
+        "pusher_internal:subscription_succeeded"
+    );
+    until_bridged(&mut ing_a, &mut ws, "news").await;
+    send_ingest(&mut ing_a, &publish("news", "hello", "{\"x\":1}")).await;
+    let m = recv(&mut ws).await;
+    assert_eq!(
+        (m["event"].as_str(), m["channel"].as_str()),
+        (Some("hello"), Some("news"))
+    );
+
+    // An upload whose chunks land on both hosts: B's client sees the sum.
+    let ch = "private-upload.u1";
+    subscribe(&mut ws, &sid, ch).await;
+    until_bridged(&mut ing_a, &mut ws, ch).await;
+    send_ingest(&mut ing_a, &report("u1", 1, 600, 0, 0)).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    send_ingest(&mut ing_b, &report("u1", 1, 400, 0, 0)).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    send_ingest(&mut ing_a, &end("u1", 1, 1000, 1)).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    send_ingest(&mut ing_b, &report("u1", 1, 900, 1000, 1)).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    send_ingest(&mut ing_b, &end("u1", 1, 2000, 2)).await;
+    let mut seen = vec![];
+    let mut last = 0;
+    for _ in 0..5 {
+        let m = recv(&mut ws).await;
+        assert_eq!(m["event"], "progress", "{m}");
+        let d = data_of(&m);
+        let seq = d["seq"].as_u64().unwrap();
+        assert!(seq > last);
+        last = seq;
+        seen.push(d["bytes_done"].as_u64().unwrap());
+    }
+    assert_eq!(seen, [600, 1000, 1400, 1900, 2000]);
+    // progress() on A (no subscriber there) answers the same state.
+    let p = query(
+        &mut ing_a,
+        &IngestMessage::QueryProgress {
+            upload_id: "u1".into(),
+        },
+    )
+    .await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&p).unwrap()["bytes_done"],
+        2000
+    );
+
+    send_ingest(
+        &mut ing_a,
+        &IngestMessage::Terminal {
+            upload_id: "u1".into(),
+            event: "complete".into(),
+            fields: r#"{"path":"/x"}"#.into(),
+        },
+    )
+    .await;
+    let m = recv(&mut ws).await;
+    assert_eq!(m["event"], "complete");
+    let d = data_of(&m);
+    assert_eq!(d["state"], "complete");
+    assert_eq!(d["bytes_total"], 4000);
+    assert_eq!(d["path"], "/x");
+    assert!(d["seq"].as_u64().unwrap() > last);
+    // Late reports after the end are dropped everywhere.
+    send_ingest(&mut ing_b, &report("u1", 7, 5, 0, 0)).await;
+
+    // A new client on A (which never had a subscriber) replays the latest
+    // event kept in Redis.
+    let (mut wa, sid_a) = a.ws().await;
+    subscribe(&mut wa, &sid_a, ch).await;
+    let m = recv(&mut wa).await;
+    assert_eq!(m["event"], "complete");
+    assert_eq!(data_of(&m)["seq"], d["seq"]);
+    drop(wa);
+
+    // Redis restarts: events stay local meanwhile, then cross hosts again.
+    let port = redis.port;
+    let mut redis = redis;
+    redis.kill();
+    a.wait_redis(0).await;
+    b.wait_redis(0).await;
+    assert!(a.metric("redis_errors_total").await >= 1);
+    send_ingest(&mut ing_b, &publish("news", "local", "{}")).await;
+    assert_eq!(recv(&mut ws).await["event"], "local");
+    let redis2 = RedisServer::start(port).await.unwrap();
+    a.wait_redis(1).await;
+    b.wait_redis(1).await;
+    until_bridged(&mut ing_a, &mut ws, "news").await;
+    send_ingest(&mut ing_a, &publish("news", "again", "{}")).await;
+    assert_eq!(recv(&mut ws).await["event"], "again");
+
+    // Unsubscribing the last local client unsubscribes in Redis.
+    ws.close(None).await.unwrap();
+    drop(ws);
+    let mut numsub = 1;
+    for _ in 0..100 {
+        let client = ::redis::Client::open(redis2.url()).unwrap();
+        let mut c = client.get_multiplexed_async_connection().await.unwrap();
+        let v: Vec<(String, u64)> = ::redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg("up:test-app:ev:{news}")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        numsub = v[0].1;
+        if numsub == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(numsub, 0);
+    a.stop().await;
+    b.stop().await;
+}
