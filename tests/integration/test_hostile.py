@@ -334,7 +334,9 @@ def test_hostile_websocket_input(make_stack):
             out = drain(c, 0.5)
             assert set(out.errors) <= {4000, 4009, 4301}, out
             if out.close_code is not None:
-                assert out.close_code in (1000, 1002, 1005, 1007, 1009), out  # 1005: echo of our own empty close
+                # random frames may hold a close frame of ours, which the hub echoes with
+                # its code (or none, 1005); what it must never do is fail internally
+                assert out.close_code != 1011, out
         finally:
             c.close()
         TRIED["ws"] += 1
@@ -590,7 +592,7 @@ def raw_http(port, raw, read=True, timeout=10):
     finally:
         c.close()
     head, _, body = resp.partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1]) if head else None
+    status = int(head.split(b"\r\n", 1)[0].split()[1]) if head else None
     if b"transfer-encoding: chunked" in head.lower():
         out, rest = b"", body
         while rest:
@@ -637,10 +639,12 @@ def test_hostile_http_input_changes_no_stored_byte(make_stack):
                uid[:25] + "A", uid[:25] + "%00", uid[:24] + "%C3%A9", "x" * 4000, "%", uid[:25] + "-",
                "..%252F", ".%2e", uid[:25] + "/"]
     for bid in bad_ids:
-        add(f"GET id {bid[:30]}", "GET", f"/api/uploads/{bid}")
-        add(f"DELETE id {bid[:30]}", "DELETE", f"/api/uploads/{bid}")
-        add(f"complete id {bid[:30]}", "POST", f"/api/uploads/{bid}/complete")
-        add(f"PUT chunk id {bid[:30]}", "PUT", f"/api/uploads/{bid}/chunks/0", b"x" * 1024)
+        # "<id>/" makes the path another (unknown) endpoint: 404 "no such endpoint"
+        e = (400, 404) if bid.endswith("/") else 400
+        add(f"GET id {bid[:30]}", "GET", f"/api/uploads/{bid}", expect=e)
+        add(f"DELETE id {bid[:30]}", "DELETE", f"/api/uploads/{bid}", expect=e)
+        add(f"complete id {bid[:30]}", "POST", f"/api/uploads/{bid}/complete", expect=e)
+        add(f"PUT chunk id {bid[:30]}", "PUT", f"/api/uploads/{bid}/chunks/0", b"x" * 1024, expect=e)
     for path in ["/api/../../../etc/passwd", "/api/uploads/../../etc/passwd", "/api/%2e%2e/%2e%2e/etc/passwd",
                  f"/api/uploads/{uid}/../{done}", f"/api/uploads/{uid}/chunks/../../{done}",
                  f"/api/uploads/{uid}%2F..%2F{done}", "/api//uploads"]:
@@ -664,6 +668,8 @@ def test_hostile_http_input_changes_no_stored_byte(make_stack):
                 "sha256 " + "a" * 64, "sha256:" + "a" * 64 + "\t;x", ":" + "a" * 64, "sha256:" + "g" * 64]:
         add(f"checksum header {hdr[:20]!r}", "PUT", f"/api/uploads/{uid}/chunks/1", b"H" * 1024,
             {"X-Chunk-Checksum": hdr})
+    add("re-send of a stored chunk with other bytes", "PUT", f"/api/uploads/{uid}/chunks/0", b"R" * 1024, expect=200)
+    add("re-send of a stored chunk, wrong length", "PUT", f"/api/uploads/{uid}/chunks/0", b"R" * 7, expect=(200, 422))
     add("PUT to a complete upload", "PUT", f"/api/uploads/{done}/chunks/0", b"9876543210", expect=(200, 409))
     add("complete with missing chunks", "POST", f"/api/uploads/{uid}/complete", expect=409)
     # create: hostile sizes and options (nothing may be created)
@@ -691,7 +697,9 @@ def test_hostile_http_input_changes_no_stored_byte(make_stack):
                          (b"socket_id=a.b&channel_name=private-upload.x", 400),
                          (b"socket_id=1.2&channel_name=presence-upload.x", 403),
                          (b"socket_id=1.2&channel_name=public", 403),
-                         (b"socket_id=1.2&channel_name=private-upload.x%0A", 403),
+                         # api.php's channel regex ends in `$` without /D, so a trailing
+                         # newline passes it; auth() then refuses the name (400)
+                         (b"socket_id=1.2&channel_name=private-upload.x%0A", (400, 403)),
                          (b"socket_id=1.2&channel_name=private-upload." + b"x" * 300, 403),
                          (b"socket_id[]=1&channel_name=private-upload.x", 400)]:
         add(f"auth {body[:40]!r}", "POST", "/api/broadcasting/auth", body, F, expect)
