@@ -2,6 +2,7 @@
 //! locks conflict exactly like those of separate processes; one test forks a real process.
 
 use super::*;
+use sha2::{Digest, Sha256};
 use std::io::Cursor;
 use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicBool, Ordering};
