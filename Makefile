@@ -48,6 +48,9 @@ demo-up: build
 demo-down:
 	python3 tools/stack.py down --dir "$(DEMO_DIR)"
 
+soak: deps build
+	UPLOAD_PROGRESS_EXT=$(UPLOAD_PROGRESS_EXT) build/venv/bin/pytest -q -m soak tests/integration
+
 clean:
 	$(CARGO) clean
 	rm -rf build .demo
