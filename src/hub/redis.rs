@@ -383,6 +383,21 @@ local data = '{"upload_id":' .. ARGV[8] .. ',"seq":' .. fmt(seq) .. ',"state":"u
 return emit('progress', data, seq)
 "#;
 
+/// After an outage: drops the stream fields of this hub (ARGV[1] prefix) from an
+/// upload aggregation; ARGV[2] = '1' marks the upload finished.
+const RESET_LUA: &str = r#"
+local all = redis.call('HKEYS', KEYS[1])
+local p = ARGV[1]
+for _, k in ipairs(all) do
+  if string.sub(k, 1, #p) == p then redis.call('HDEL', KEYS[1], k) end
+end
+if ARGV[2] == '1' then
+  redis.call('HSET', KEYS[1], 'fin', '1')
+  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+end
+return 1
+"#;
+
 // ------------------------------------------------------------------ connection
 
 #[derive(Clone)]
@@ -466,6 +481,7 @@ pub(crate) struct Bridge {
     check_now: AtomicBool,
     event_script: Script,
     upload_script: Script,
+    reset_script: Script,
     ping_every: Duration,
     timeout: Duration,
 }
@@ -498,6 +514,7 @@ impl Bridge {
             check_now: AtomicBool::new(false),
             event_script: Script::new(EVENT_LUA),
             upload_script: Script::new(UPLOAD_LUA),
+            reset_script: Script::new(RESET_LUA),
             ping_every,
             timeout,
         }
@@ -836,6 +853,7 @@ async fn connect(b: &Bridge) -> RedisResult<(RConn, mpsc::UnboundedReceiver<Push
     let mut conn = conn;
     conn.load(&b.event_script).await?;
     conn.load(&b.upload_script).await?;
+    conn.load(&b.reset_script).await?;
     Ok((conn, rx))
 }
 
@@ -920,11 +938,15 @@ async fn session(
     let mut ping = tokio::time::interval(b.ping_every);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut resync = true;
+    let mut need_reconcile = true;
     loop {
         // Subscriptions first, then the latest events asked for, so that nothing
         // published between the two is missed.
-        if let Err(e) = reconcile(hub, b, &mut conn, &mut subscribed, resync).await {
-            return Some(e);
+        if need_reconcile {
+            if let Err(e) = reconcile(hub, b, &mut conn, &mut subscribed, resync).await {
+                return Some(e);
+            }
+            need_reconcile = false;
         }
         if resync {
             if let Err(e) = write_back(hub, b, &mut conn).await {
@@ -947,6 +969,7 @@ async fn session(
         tokio::select! {
             _ = down.changed() => return None,
             _ = b.wake.notified() => {
+                need_reconcile = true;
                 if b.check_now.swap(false, Ordering::SeqCst) {
                     if let Err(e) = health(b, &mut conn).await {
                         return Some(e);
@@ -957,8 +980,9 @@ async fn session(
                 if let Err(e) = health(b, &mut conn).await {
                     return Some(e);
                 }
-                // The next reconcile also catches channels whose last
-                // subscriber was evicted as a slow consumer.
+                // Also catches channels whose last subscriber was evicted
+                // as a slow consumer.
+                need_reconcile = true;
             }
             p = pushes.recv() => {
                 let Some(p) = p else { return Some("connection closed".into()) };
@@ -1053,6 +1077,24 @@ async fn write_back(hub: &Weak<Hub>, b: &Bridge, conn: &mut RConn) -> Result<(),
         let Some((event, data, seq)) = lock(&h.state).latest_parts(&ch) else {
             continue;
         };
+        if ch.starts_with("private-upload.") {
+            // The streams of this hub ended or went on unseen: they report
+            // again if still running. A terminal event closes the aggregation.
+            let terminal = matches!(
+                event.as_str(),
+                "complete" | "completed" | "aborted" | "abort" | "failed" | "fail" | "error"
+            );
+            let mut inv = b.reset_script.prepare_invoke();
+            inv.key(b.keys.agg(&ch))
+                .arg(format!("s:{}:", b.id))
+                .arg(if terminal { "1" } else { "0" })
+                .arg(b.ttl);
+            match tokio::time::timeout(b.timeout, conn.invoke::<i64>(&inv)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(format!("writing back {ch}: {e}")),
+                Err(_) => return Err(format!("writing back {ch}: timed out")),
+            }
+        }
         let mut inv = b.event_script.prepare_invoke();
         inv.key(b.keys.latest(&ch))
             .arg(b.keys.events(&ch))

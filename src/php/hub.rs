@@ -29,6 +29,13 @@ impl Hub {
             libc::signal(libc::SIGTERM, libc::SIG_DFL);
             libc::signal(libc::SIGINT, libc::SIG_DFL);
         }
+        if cfg.app_secret.is_empty() {
+            // An empty HMAC key would let anyone sign private subscriptions.
+            return Err(PhpException::from_class::<Exception>(format!(
+                "Hub::run(): no app secret: set upload_progress.app_secret or make {} writable",
+                cfg.storage_dir.display()
+            )));
+        }
         let listener = match spawn::inherited_listener() {
             Some(fd) => fd,
             None => spawn::bind_listener(&cfg.hub_socket).map_err(|e| {
