@@ -22,6 +22,9 @@ def t_record(R):
             r["label"], _f(r["median_ns"]), _f(r["p10_ns"]), _f(r["p90_ns"]),
             "%.1f×" % (r["median_ns"] / pub), r["calls"], r["failed"]))
     s = "\n".join(out)
+    hubrows = [r for r in rows if r.get("hub_us_per_msg") is not None]
+    if hubrows:
+        s += "\n\nHub CPU per message received: " + ", ".join("%.2f µs (%s)" % (r["hub_us_per_msg"], r["method"]) for r in hubrows) + "."
     if redis:
         s += "\n\nRedis round trip / publish(): **%.1f×** (goal ≥ 15×); publish() median %.0f ns (goal ≤ 1 000 ns). " % (
             redis["median_ns"] / pub, pub)
@@ -41,7 +44,14 @@ def t_hook(R):
             ", ".join("%.0f" % x for x in h["with"]), h["median_with"]),
         "| extension not loaded | %s | %.0f |" % (", ".join("%.0f" % x for x in h["without"]), h["median_without"]),
         "", "Overhead of the body-progress hook: **%.2f %%** slower (goal < 2 %%; negative = faster)." % h["slower_pct"],
-    ])
+    ] + ([
+        "", "CPU seconds per GiB of all server processes (nginx + php-fpm + hub), median: with %.2f, without %.2f (%+.1f %%). "
+        "Mean per process: with %s; without %s." % (
+            h["cpu_median_with"], h["cpu_median_without"],
+            (h["cpu_median_with"] - h["cpu_median_without"]) / h["cpu_median_without"] * 100,
+            ", ".join("%s %.2f" % kv for kv in sorted(h["cpu_breakdown"]["with"].items())),
+            ", ".join("%s %.2f" % kv for kv in sorted(h["cpu_breakdown"]["without"].items())))
+    ] if "cpu_median_with" in h else []))
 
 
 def t_upload(R):
@@ -55,6 +65,9 @@ def t_upload(R):
         out.append("| %s | %.0f | %.2f | %.2f | %s |" % (r["label"], m["mbps"], m["cpu_s_per_gib"], m["written_per_byte"],
                                                        ", ".join("%.0f" % x["mbps"] for x in r["runs"])))
     rows = u["rows"]
+    out += ["", "CPU-s per GiB by process (median run): " + "; ".join(
+        "%s: %s" % (r["label"].split(" (")[0].split(":")[0], ", ".join("%s %.2f" % kv for kv in sorted(r["median"].get("cpu_by_process", {}).items())))
+        for r in rows)]
     if len(rows) >= 4:
         up, tus, plain = rows[0]["median"], rows[3]["median"], rows[2]["median"]
         out += ["", "Upload::writeChunk / @tus/server: **%.2f×** throughput (goal ≥ 1.5×, ≥ 650 MB/s), %.2f CPU-s/GiB (goal ≤ 1), "

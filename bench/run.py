@@ -43,7 +43,7 @@ CLK = os.sysconf("SC_CLK_TCK")
 SCALES = {
     "small": dict(record_calls=10_000, hook_bytes=64 * MiB, hook_runs=1, upload_bytes=64 * MiB,
                   upload_runs=1, fanout=[1, 100], fanout_events=20, storm=200, idle_conns=100),
-    "full": dict(record_calls=100_000, hook_bytes=GiB, hook_runs=3, upload_bytes=GiB,
+    "full": dict(record_calls=100_000, hook_bytes=GiB, hook_runs=5, upload_bytes=GiB,
                  upload_runs=3, fanout=[1, 1000, 15000], fanout_events=20, storm=10_000,
                  idle_conns=15000),
     # a check of the big connection counts only
@@ -116,10 +116,14 @@ class Meter:
     def stop(self):
         b = self.snap()
         cpu = wb = 0.0
+        self.by_name = {}
         for p, (c, w) in b.items():
             c0, w0 = self.a.get(p, (0.0, 0))
             cpu += c - c0
             wb += w - w0
+            name = stackmod._comm(p) or "?"
+            name = "hub" if name.startswith("php") and "Hub::run" in stackmod._cmdline(p) else name
+            self.by_name[name] = self.by_name.get(name, 0.0) + (c - c0)
         return cpu, wb
 
 
@@ -223,7 +227,11 @@ def bench_record(cfg, ext, work):
         ]
         for label, argv in runs:
             COMMANDS.append(" ".join(argv))
+            hub0 = proc_cpu_s(hub.p.pid)
             out = json.loads(sh(argv).strip().splitlines()[-1])
+            if "running hub" in label:
+                # what the hub spent per message it received (ingest decode + deliver)
+                out["hub_us_per_msg"] = (proc_cpu_s(hub.p.pid) - hub0) * 1e6 / max(1, out["ok"] + 1000)
             out["label"] = label
             rows.append(out)
             log("  %-70s %8.0f ns (ok %d, dropped %d)" % (label, out["median_ns"], out["ok"], out["failed"]))
@@ -268,23 +276,38 @@ def bench_hook(cfg, a: Stack, b: Stack, data: bytes):
     log("2. body-progress hook, %d MiB PUT, %d runs each" % (n // MiB, cfg["hook_runs"]))
     res = {"with": [], "without": []}
 
-    def one(st: Stack, hdr):
+    cpu = {"with": [], "without": []}
+    brk = {"with": {}, "without": {}}
+
+    def one(st: Stack, hdr, key=None):
         c = http.client.HTTPConnection("127.0.0.1", st.http_port, timeout=600)
         h = {"Content-Type": "application/octet-stream"}
         if hdr:
             h["X-Progress-ID"] = "bench%d" % time.monotonic_ns()
+        m = Meter(lambda: stack_pids(st))
+        m.start()
         t = time.monotonic()
         _, out = req(c, "PUT", "/t/discard.php", body, h)
         dt = time.monotonic() - t
+        c_s, _ = m.stop()
         c.close()
         assert int(out) == n, out
+        if key:
+            cpu[key].append(c_s / (n / GiB))
+            for k, v in m.by_name.items():
+                brk[key][k] = brk[key].get(k, 0.0) + v / (n / GiB) / cfg["hook_runs"]
         return n / dt / 1e6
 
     one(a, True)  # warm-up, spawns the hub
     one(b, False)
-    for _ in range(cfg["hook_runs"]):
-        res["with"].append(one(a, True))
-        res["without"].append(one(b, False))
+    for i in range(cfg["hook_runs"]):
+        # alternate which goes first: the machine is shared and its load drifts
+        order = [(a, True, "with"), (b, False, "without")]
+        for st, hdr, key in (order if i % 2 == 0 else order[::-1]):
+            res[key].append(one(st, hdr, key))
+    res["cpu_s_per_gib"] = cpu
+    res["cpu_breakdown"] = brk
+    res["cpu_median_with"], res["cpu_median_without"] = statistics.median(cpu["with"]), statistics.median(cpu["without"])
     w, wo = statistics.median(res["with"]), statistics.median(res["without"])
     res["median_with"], res["median_without"] = w, wo
     res["slower_pct"] = (wo - w) / wo * 100
@@ -440,7 +463,7 @@ def bench_upload(cfg, a: Stack, b: Stack, data: bytes, work):
                 dt = time.monotonic() - t
                 cpu, wb = m.stop()
                 runs.append({"mbps": n / dt / 1e6, "cpu_s_per_gib": cpu / (n / GiB), "written_per_byte": wb / n,
-                             "seconds": dt})
+                             "seconds": dt, "cpu_by_process": {k: v / (n / GiB) for k, v in m.by_name.items()}})
                 log("  %-66s %7.0f MB/s %5.2f CPU-s/GiB %4.2f written/B" % (label[:66], runs[-1]["mbps"],
                     runs[-1]["cpu_s_per_gib"], runs[-1]["written_per_byte"]))
             med = sorted(runs, key=lambda r: r["mbps"])[len(runs) // 2]
@@ -487,10 +510,12 @@ class Loadgen:
 def fanout_once(server, n, events, publish_argv_fn, pid):
     interval = 50 if n <= 1000 else 500
     rss0 = vm_rss_kib(pid)
-    lg = Loadgen(server, n)
+    # a channel of its own: the hub replays a channel's latest event on subscribe
+    channel = "bench-%d-%d" % (n, time.monotonic_ns() % 1000000)
+    lg = Loadgen(server, n, ["--channel", channel])
     time.sleep(1.0)
     rss1 = vm_rss_kib(pid)
-    argv = publish_argv_fn(events, interval)
+    argv = publish_argv_fn(events, interval) + [channel]
     COMMANDS.append(" ".join(argv))
     cpu0, lcpu0 = proc_cpu_s(pid), proc_cpu_s(lg.p.pid)
     subprocess.run(argv, check=True, capture_output=True)

@@ -32,6 +32,17 @@ fn config(share: u32) -> ProptestConfig {
     }
 }
 
+/// A scratch directory, on tmpfs when there is one: every case creates an upload, and
+/// create() fsyncs.
+fn scratch() -> tempfile::TempDir {
+    match Path::new("/dev/shm") {
+        shm if shm.is_dir() => {
+            tempfile::tempdir_in(shm).unwrap_or_else(|_| tempfile::tempdir().unwrap())
+        }
+        _ => tempfile::tempdir().unwrap(),
+    }
+}
+
 fn store(root: &Path) -> Store {
     Store::new(StoreOptions {
         root: root.to_path_buf(),
@@ -178,7 +189,7 @@ fn hostile_value() -> impl Strategy<Value = Value> {
     prop_oneof![
         Just(Value::Null),
         any::<bool>().prop_map(Value::Bool),
-        any::<u64>().prop_map(|n| Value::from(n)),
+        any::<u64>().prop_map(Value::from),
         prop_oneof![
             Just(0u64),
             Just(1),
@@ -231,7 +242,7 @@ proptest! {
     /// Arbitrary bytes as manifest.json.
     #[test]
     fn arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = scratch();
         let s = store(dir.path());
         let (id, _) = fresh(&s, 10, 4, false);
         write_manifest(&s, &id, &bytes);
@@ -242,7 +253,7 @@ proptest! {
     #[test]
     fn mutated_fields(total in 1u64..40, chunk in 1u64..12, sha in any::<bool>(),
                       edits in proptest::collection::vec((0..FIELDS.len(), proptest::option::of(hostile_value())), 1..5)) {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = scratch();
         let s = store(dir.path());
         let (id, mut v) = fresh(&s, total, chunk, sha);
         for (f, val) in edits {
@@ -264,7 +275,7 @@ proptest! {
                      all_stored in any::<bool>(), complete in any::<bool>()) {
         let count = total.div_ceil(chunk);
         prop_assume!(count <= 200_000);
-        let dir = tempfile::tempdir().unwrap();
+        let dir = scratch();
         let s = store(dir.path());
         let (id, mut v) = fresh(&s, 10, 4, false);
         let obj = v.as_object_mut().unwrap();
@@ -282,7 +293,7 @@ proptest! {
     /// Byte flips in a real manifest.
     #[test]
     fn flipped_bytes(flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6)) {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = scratch();
         let s = store(dir.path());
         let (id, v) = fresh(&s, 10, 4, true);
         let mut bytes = v.to_string().into_bytes();

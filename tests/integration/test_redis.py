@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -58,6 +57,7 @@ class RedisServer:
             except subprocess.CalledProcessError:
                 pass
             time.sleep(0.05)
+        self.stop()
         raise RuntimeError(f"redis-server on {self.port} did not start")
 
     def stop(self):
@@ -84,8 +84,11 @@ def redis_servers(tmp_path):
     started = []
 
     def factory(n=1, cluster=False):
-        out = [RedisServer(tmp_path, cluster=cluster).start() for _ in range(n)]
-        started.extend(out)
+        out = []
+        for _ in range(n):
+            r = RedisServer(tmp_path, cluster=cluster)
+            started.append(r)  # stopped at teardown even when start() fails
+            out.append(r.start())
         return out
 
     yield factory

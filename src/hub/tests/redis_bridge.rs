@@ -271,3 +271,130 @@ async fn events_and_uploads_cross_hosts() {
     a.stop().await;
     b.stop().await;
 }
+
+/// `rediss://`: a TLS-only redis-server with a CA made by openssl (skipped
+/// when openssl is missing or redis-server was built without TLS).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_bridge() {
+    let (Some(bin), true) = (
+        redis_binary(),
+        std::path::Path::new("/usr/bin/openssl").exists(),
+    ) else {
+        eprintln!("redis-server or openssl not installed: skipped");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ssl = |args: &[&str]| {
+        let ok = std::process::Command::new("/usr/bin/openssl")
+            .args(args)
+            .current_dir(d)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "openssl {args:?}");
+    };
+    ssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test-ca",
+    ]);
+    ssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "srv.key",
+        "-out",
+        "srv.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    std::fs::write(
+        d.join("ext.cnf"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    ssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "srv.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "srv.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    let port = free_port();
+    let mut child = std::process::Command::new(bin)
+        .args([
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .args(["--tls-cert-file", "srv.crt", "--tls-key-file", "srv.key"])
+        .args([
+            "--tls-ca-cert-file",
+            "ca.crt",
+            "--tls-auth-clients",
+            "no",
+            "--save",
+            "",
+        ])
+        .current_dir(d)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut up = false;
+    for _ in 0..60 {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if !up {
+        let _ = child.kill();
+        let _ = child.wait();
+        eprintln!("redis-server without TLS support: skipped");
+        return;
+    }
+    // rustls-native-certs reads the trusted roots from SSL_CERT_FILE.
+    std::env::set_var("SSL_CERT_FILE", d.join("ca.crt"));
+    let url = format!("rediss://localhost:{port}");
+    let a = bridged(&url).await;
+    let b = bridged(&url).await;
+    let mut ing_a = a.ingest().await;
+    let (mut ws, sid) = b.ws().await;
+    subscribe(&mut ws, &sid, "news").await;
+    until_bridged(&mut ing_a, &mut ws, "news").await;
+    a.stop().await;
+    b.stop().await;
+    let _ = child.kill();
+    let _ = child.wait();
+}
