@@ -69,6 +69,27 @@ impl Config {
         format!("@upload-progress-{uid}-{:016x}", fnv1a(listen.as_bytes()))
     }
 
+    /// A file of this hub in storage_dir (`hub-<host>-<hash>.log`, `.pid`):
+    /// hosts, and hubs of several listen addresses, may share one directory.
+    pub fn hub_file(&self, extension: &str) -> PathBuf {
+        let mut host = [0u8; 256];
+        // SAFETY: gethostname writes at most host.len() bytes.
+        let rc = unsafe { libc::gethostname(host.as_mut_ptr().cast(), host.len()) };
+        let end = host.iter().position(|b| *b == 0).unwrap_or(host.len());
+        let host: String = if rc == 0 {
+            String::from_utf8_lossy(&host[..end])
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
+                .collect()
+        } else {
+            "host".to_owned()
+        };
+        self.storage_dir.join(format!(
+            "hub-{host}-{:08x}.{extension}",
+            fnv1a(self.hub_socket.as_bytes()) as u32
+        ))
+    }
+
     /// True when `origin` (an `Origin` header value) may open a WebSocket.
     pub fn origin_allowed(&self, origin: Option<&str>) -> bool {
         origin_allowed(&self.allowed_origins, origin)

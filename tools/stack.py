@@ -31,6 +31,7 @@ import argparse
 import atexit
 import ctypes
 import http.client
+import glob
 import json
 import os
 import shutil
@@ -595,8 +596,8 @@ http {{
             return self
         os.makedirs(self.run_dir, exist_ok=True)
         for d in ("storage", "sessions", "tmp", "nginx-tmp"):
-            os.makedirs(self._p(d), exist_ok=True)
-        os.makedirs(self.storage_dir, exist_ok=True)
+            os.makedirs(self._p(d), mode=0o700, exist_ok=True)
+        os.makedirs(self.storage_dir, mode=0o700, exist_ok=True)
         if self.docroot and not os.path.isdir(self.docroot):
             os.makedirs(self.docroot, exist_ok=True)
         taken = set()
@@ -742,7 +743,7 @@ http {{
                 if self._looks_like_hub(pid):
                     pids.add(pid)
         try:
-            with open(os.path.join(self.storage_dir, "hub.pid")) as f:
+            with open((glob.glob(os.path.join(self.storage_dir, "hub-*.pid")) or ["/nonexistent"])[0]) as f:
                 pid = int(f.read().split()[0])
             if _alive(pid) and self._looks_like_hub(pid):
                 pids.add(pid)
@@ -860,7 +861,7 @@ http {{
                             ("php errors", self._p("php-error.log")),
                             ("nginx", self._p("nginx-error.log")), ("nginx stdout", self._p("nginx.out")),
                             ("redis", self._p("redis.log")),
-                            ("hub", os.path.join(self.storage_dir, "hub.log"))):
+                            ("hub", (glob.glob(os.path.join(self.storage_dir, "hub-*.log")) or [os.path.join(self.storage_dir, "hub.log")])[0])):
             t = _tail(path, n)
             if t.strip():
                 parts.append("==> %s (%s) <==\n%s" % (label, path, t))

@@ -422,7 +422,7 @@ function broadcasting_auth(): void
     if (preg_match('/^\d{1,20}\.\d{1,20}$/', $socketId) !== 1) {
         throw new HttpError(400, sprintf('invalid socket_id "%s"', short($socketId)));
     }
-    if (preg_match('/^private-upload\.([0-9A-Za-z_\-=@,.;]{1,128})$/', $channel) !== 1) {
+    if (preg_match('/^private-upload\.([0-9A-Za-z_\-=@,.;]{1,128})$/D', $channel) !== 1) {
         throw new HttpError(403, sprintf('channel "%s" is not allowed: only private-upload.<id> channels', short($channel)));
     }
     send_raw_json(200, \UploadProgress\auth($socketId, $channel));

@@ -131,7 +131,9 @@ async fn handle(hub: &Hub, msg: IngestMessage, reply: &mut Vec<u8>) {
     match msg {
         IngestMessage::Hello { version, dropped } => {
             Metrics::add(&hub.m.events_dropped, dropped);
-            if version != hub.version {
+            // Only a newer extension takes over: while old and new workers
+            // overlap (rolling reload), an older one must not restart the hub.
+            if version_newer(&version, &hub.version) {
                 log(format_args!(
                     "a PHP process runs version {version:?} (this hub: {:?}): handing over",
                     hub.version
@@ -210,5 +212,43 @@ async fn handle(hub: &Hub, msg: IngestMessage, reply: &mut Vec<u8>) {
         IngestMessage::QueryStatus => {
             ingest::encode_raw(hub.status_json().as_bytes(), reply);
         }
+    }
+}
+
+/// True when semver `a` is newer than `b` (pre-release tags sort before the release).
+fn version_newer(a: &str, b: &str) -> bool {
+    fn parse(v: &str) -> (Vec<u64>, Option<&str>) {
+        let (core, pre) = match v.split_once('-') {
+            Some((c, p)) => (c, Some(p)),
+            None => (v, None),
+        };
+        let core = core.split('+').next().unwrap_or(core);
+        (core.split('.').map(|n| n.parse().unwrap_or(0)).collect(), pre)
+    }
+    let (ca, pa) = parse(a.trim());
+    let (cb, pb) = parse(b.trim());
+    match ca.cmp(&cb) {
+        std::cmp::Ordering::Greater => true,
+        std::cmp::Ordering::Less => false,
+        std::cmp::Ordering::Equal => match (pa, pb) {
+            (None, Some(_)) => true,
+            (Some(x), Some(y)) => x > y,
+            _ => false,
+        },
+    }
+}
+
+#[cfg(test)]
+mod version_tests {
+    use super::version_newer;
+
+    #[test]
+    fn only_newer_versions_take_over() {
+        assert!(version_newer("0.2.0", "0.1.9"));
+        assert!(version_newer("0.10.0", "0.9.0"));
+        assert!(version_newer("1.0.0", "1.0.0-rc.1"));
+        assert!(!version_newer("0.1.0", "0.1.0"));
+        assert!(!version_newer("0.1.0", "0.2.0"));
+        assert!(!version_newer("1.0.0-rc.1", "1.0.0"));
     }
 }

@@ -267,7 +267,11 @@ pub(crate) fn now_us() -> u64 {
 
 /// One log line on stderr: `2026-11-21T05:22:03.123Z upload_progress hub[pid]: message`.
 pub(crate) fn log(args: std::fmt::Arguments<'_>) {
-    eprintln!(
+    use std::io::Write;
+    // stderr is a log file on the storage disk: a full disk must not panic
+    // whatever task is logging (eprintln! would).
+    let _ = writeln!(
+        std::io::stderr().lock(),
         "{} upload_progress hub[{}]: {}",
         timestamp(now_ms()),
         std::process::id(),

@@ -56,7 +56,7 @@ impl Hub {
             .filter(|p| *p > 1);
         std::env::remove_var(ENV_WATCH_PID);
         let _ = std::fs::create_dir_all(&cfg.storage_dir);
-        let pid_file = cfg.storage_dir.join("hub.pid");
+        let pid_file = cfg.hub_file("pid");
         let _ = std::fs::write(&pid_file, std::process::id().to_string());
         let result = hub::run(HubOptions {
             config: cfg,

@@ -228,11 +228,7 @@ fn spawn_spec(cfg: &Config) -> Option<SpawnSpec> {
         program,
         args,
         env,
-        log_path: cfg
-            .storage_dir
-            .join("hub.log")
-            .to_string_lossy()
-            .into_owned(),
+        log_path: cfg.hub_file("log").to_string_lossy().into_owned(),
         socket_name: cfg.hub_socket.clone(),
     })
 }

@@ -83,7 +83,9 @@ export async function startStack(name, options = {}) {
     },
     logTail(n = 40) {
       const files = ['fpm.log', 'php-error.log', 'nginx-error.log'].map((f) => path.join(runDir, f));
-      files.push(path.join(state.storage_dir, 'hub.log'));
+      if (fs.existsSync(state.storage_dir)) {
+        for (const f of fs.readdirSync(state.storage_dir)) if (/^hub-.*\.log$/.test(f)) files.push(path.join(state.storage_dir, f));
+      }
       return files.filter((f) => fs.existsSync(f)).map((f) => {
         const lines = fs.readFileSync(f, 'utf8').trimEnd().split('\n');
         return `==> ${f} <==\n${lines.slice(-n).join('\n')}`;

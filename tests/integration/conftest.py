@@ -57,8 +57,9 @@ def pytest_runtest_makereport(item, call):
 
 def read_hub_pid(stack):
     try:
-        return int((Path(stack.storage_dir) / "hub.pid").read_text().strip())
-    except (OSError, ValueError):
+        pid_file = next(Path(stack.storage_dir).glob("hub-*.pid"))
+        return int(pid_file.read_text().strip())
+    except (OSError, ValueError, StopIteration):
         return None
 
 
