@@ -79,7 +79,13 @@ impl Config {
         let host: String = if rc == 0 {
             String::from_utf8_lossy(&host[..end])
                 .chars()
-                .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
                 .collect()
         } else {
             "host".to_owned()

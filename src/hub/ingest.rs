@@ -223,7 +223,10 @@ fn version_newer(a: &str, b: &str) -> bool {
             None => (v, None),
         };
         let core = core.split('+').next().unwrap_or(core);
-        (core.split('.').map(|n| n.parse().unwrap_or(0)).collect(), pre)
+        (
+            core.split('.').map(|n| n.parse().unwrap_or(0)).collect(),
+            pre,
+        )
     }
     let (ca, pa) = parse(a.trim());
     let (cb, pb) = parse(b.trim());
