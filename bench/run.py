@@ -642,7 +642,20 @@ if __name__ == "__main__":
     ap.add_argument("--only", default="record,hook,upload,fanout,storm")
     ap.add_argument("--ext", default=os.path.join(REPO, "target", "release", "libupload_progress.so"))
     ap.add_argument("--out", default="")
+    ap.add_argument("--render", default="", help="only write --out from a results JSON of an earlier run")
     args = ap.parse_args()
+    if args.render:
+        import report  # noqa: E402
+        R = json.load(open(args.render))
+        notes_path = os.path.join(BENCH, "analysis.md")
+        notes = open(notes_path).read() if os.path.exists(notes_path) else ""
+        md = report.render(R, notes)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(md)
+        else:
+            print(md)
+        sys.exit(0)
     cfg = SCALES[args.scale]
     only = set(args.only.split(","))
     work = os.path.join(REPO, "build", "bench", args.scale)

@@ -327,8 +327,7 @@ fn handle_text(
             "Client events are not enabled on this hub",
         )],
         other => {
-            let mut name = other.to_string();
-            name.truncate(64);
+            let name = pusher::truncate(other, 64);
             vec![error_frame(4000, &format!("Unsupported event {name:?}"))]
         }
     }

@@ -207,7 +207,8 @@ pub fn verify_channel_auth(
     }
 }
 
-fn truncate(s: &str, max: usize) -> &str {
+/// At most `max` bytes of `s`, cut on a character boundary (for error messages).
+pub fn truncate(s: &str, max: usize) -> &str {
     if s.len() <= max {
         return s;
     }
