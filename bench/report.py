@@ -151,6 +151,15 @@ load average at the start {' '.join(m['loadavg'])} (a shared machine: other jobs
 Versions: {m['php']}; {m['nginx']}; node {m['node']} (ws {m['ws']}, {m['tus']}); {m['redis']};
 upload_progress {m['extension']} (git {m['git']}, {m['rustc']}).
 
+To reproduce: `make bench` (builds the extension and `bench/loadgen`, installs php8.2-redis,
+php8.2-apcu and redis-server, runs `npm ci` in `bench/node`, then `tools/bench.sh` →
+`python3 bench/run.py --scale full --out docs/benchmarks.md`; about 8 minutes).
+`BENCH_SCALE=small make bench` is a one-minute check (64 MiB, 100 connections) that does not
+touch this file; `BENCH_ONLY=record,hook,upload,fanout,storm` selects benchmarks. Raw
+results: `build/bench/results-<scale>.json`. The nginx + php-fpm stacks are started by
+`tools/stack.py` (`Stack(run_dir, ext_path or None, scripts_dir="bench/php")`, 4 static
+workers, `/t/<script>` served from bench/php); every other command is listed at the end.
+
 """
     cmds = "\n".join(R.get("commands", []))
     return head + tables(R) + "\n" + notes + "\n## Commands of this run\n\n```\n" + cmds + "\n```\n"
