@@ -75,7 +75,7 @@ async fn connection(hub: Arc<Hub>, mut s: UnixStream, mut down: watch::Receiver<
     }
     Metrics::add(&hub.m.ingest_connections, 1);
     let _gauge = Gauge(&hub);
-    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
     let mut reply: Vec<u8> = Vec::new();
     loop {
         let mut off = 0;
@@ -112,10 +112,12 @@ async fn connection(hub: Arc<Hub>, mut s: UnixStream, mut down: watch::Receiver<
                 reply = Vec::new();
             }
         }
-        if buf.is_empty() && buf.capacity() > 64 * 1024 {
-            buf = Vec::with_capacity(4096);
+        if buf.is_empty() && buf.capacity() > 256 * 1024 {
+            buf = Vec::with_capacity(64 * 1024);
         }
-        buf.reserve(4096);
+        // Large reads: a busy PHP process queues hundreds of small frames, and
+        // one read per few frames would cost a syscall each.
+        buf.reserve(64 * 1024);
         let r = tokio::select! {
             _ = down.changed() => return,
             r = s.read_buf(&mut buf) => r,
