@@ -12,7 +12,7 @@
 //!
 //! Error codes sent to WebSocket clients (`pusher:error` data `{"code","message"}`):
 //! 4000 malformed message / unsupported event (connection kept), 4001 unknown app
-//! key (closed), 4007 unsupported protocol version (closed), 4009 message too
+//! key (closed), 4007 unsupported protocol version (closed), 4300 message too
 //! large (closed with 1009), 4100 over capacity or slow consumer (closed),
 //! 4200 hub restart, reconnect now (close frame only), 4201 pong timeout
 //! (closed), 4301 client events are refused (connection kept).

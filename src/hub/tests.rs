@@ -657,11 +657,11 @@ async fn bad_client_messages() {
     assert_eq!(m["event"], "pusher:subscription_error");
     assert_eq!(m["data"]["status"], 400);
     assert_alive(&mut ws).await;
-    // Oversized: error 4009, then close 1009.
+    // Oversized: error 4300, then close 1009.
     let big = json!({"event":"pusher:ping","data":"x".repeat(11 * 1024)}).to_string();
     ws.send(Message::Text(big.into())).await.unwrap();
     let m = recv(&mut ws).await;
-    assert_eq!(m["data"]["code"], 4009);
+    assert_eq!(m["data"]["code"], 4300);
     assert_eq!(close_code(&mut ws).await, Some(1009));
     // The hub keeps serving.
     let (mut ws2, _) = hub.ws().await;

@@ -217,7 +217,8 @@ async fn serve_conn(hub: &Hub, ws: &mut Ws, conn: &Arc<Conn>, subs: &mut Vec<Box
                     Some(Ok(m)) => m,
                     Some(Err(WsError::Capacity(_))) => {
                         return End::Error {
-                            code: 4009,
+                            // 4009 means "unauthorized" in Pusher's protocol; 43xx is "other".
+                            code: 4300,
                             message: format!("Message too large: at most {MAX_CLIENT_MESSAGE} bytes"),
                             close: 1009,
                         }

@@ -56,25 +56,24 @@ fn with_process<R>(f: impl FnOnce(&mut Process) -> R) -> Option<R> {
     })
 }
 
-/// Hands a message to the hub; false when it was dropped.
-pub fn send(msg: &IngestMessage) -> bool {
+/// Runs `f` with the process's ingest client and the callback that spawns a
+/// hub when none listens.
+fn with_client<R>(f: impl FnOnce(&mut IngestClient, &mut dyn FnMut()) -> R) -> Option<R> {
     with_process(|p| {
         let Process {
             client, last_spawn, ..
         } = p;
-        client.send(msg, &mut || maybe_spawn(last_spawn))
+        f(client, &mut || maybe_spawn(last_spawn))
     })
-    .unwrap_or(false)
+}
+
+/// Hands a message to the hub; false when it was dropped.
+pub fn send(msg: &IngestMessage) -> bool {
+    with_client(|client, no_hub| client.send(msg, no_hub)).unwrap_or(false)
 }
 
 pub fn publish(channel: &str, event: &str, data: &str) -> bool {
-    with_process(|p| {
-        let Process {
-            client, last_spawn, ..
-        } = p;
-        client.publish(channel, event, data, &mut || maybe_spawn(last_spawn))
-    })
-    .unwrap_or(false)
+    with_client(|client, no_hub| client.publish(channel, event, data, no_hub)).unwrap_or(false)
 }
 
 pub fn next_stream_id() -> u64 {
@@ -99,12 +98,32 @@ pub fn query(msg: &IngestMessage, timeout: Duration) -> Option<Vec<u8>> {
     client.query(msg, timeout)
 }
 
+/// Which SAPI this process runs, read once.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SapiKind {
+    Fpm,
+    CliServer,
+    Other,
+}
+
+fn sapi_kind() -> SapiKind {
+    static KIND: OnceCell<SapiKind> = OnceCell::new();
+    *KIND.get_or_init(|| {
+        match sapi::get()
+            .map(|s| s.sapi_name())
+            .unwrap_or_default()
+            .as_str()
+        {
+            "fpm-fcgi" => SapiKind::Fpm,
+            "cli-server" => SapiKind::CliServer,
+            _ => SapiKind::Other,
+        }
+    })
+}
+
+/// Only the long-lived servers spawn a hub: php-fpm workers and the built-in server.
 fn may_spawn(cfg: &Config) -> bool {
-    if cfg.hub != HubMode::Auto {
-        return false;
-    }
-    let name = sapi::get().map(|s| s.sapi_name()).unwrap_or_default();
-    name == "fpm-fcgi" || name == "cli-server"
+    cfg.hub == HubMode::Auto && sapi_kind() != SapiKind::Other
 }
 
 fn maybe_spawn(last_spawn: &mut Option<Instant>) {
@@ -186,9 +205,14 @@ fn spawn_spec(cfg: &Config) -> Option<SpawnSpec> {
     let program = php_binary(cfg)?;
     let ext = extension_path()?;
     let mut args = vec!["-n".to_owned(), "-d".into(), format!("extension={ext}")];
+    let mut configured_secret = String::new();
     for (name, value) in ini::current_values() {
         let value = match name.as_str() {
-            "upload_progress.app_secret" => continue,
+            // Passed in the environment, never on a command line `ps` shows.
+            "upload_progress.app_secret" => {
+                configured_secret = value.trim().to_owned();
+                continue;
+            }
             "upload_progress.storage_dir" => cfg.storage_dir.to_string_lossy().into_owned(),
             "upload_progress.hub_socket" => cfg.hub_socket.clone(),
             _ => value,
@@ -199,9 +223,8 @@ fn spawn_spec(cfg: &Config) -> Option<SpawnSpec> {
     args.push("-r".into());
     args.push("UploadProgress\\Hub::run();".into());
     // The FPM master outlives workers and keeps its pid across reloads.
-    let is_fpm = sapi::get().is_some_and(|s| s.sapi_name() == "fpm-fcgi");
     // SAFETY: getppid/getpid never fail.
-    let watch = if is_fpm {
+    let watch = if sapi_kind() == SapiKind::Fpm {
         unsafe { libc::getppid() }
     } else {
         unsafe { libc::getpid() }
@@ -213,16 +236,8 @@ fn spawn_spec(cfg: &Config) -> Option<SpawnSpec> {
         ),
         (ENV_WATCH_PID.to_owned(), watch.to_string()),
     ];
-    let configured = ini::current_values()
-        .into_iter()
-        .find(|(n, _)| n == "upload_progress.app_secret")
-        .map(|(_, v)| v)
-        .unwrap_or_default();
-    if !configured.trim().is_empty() {
-        env.push((
-            "UPLOAD_PROGRESS_APP_SECRET".into(),
-            configured.trim().to_owned(),
-        ));
+    if !configured_secret.is_empty() {
+        env.push(("UPLOAD_PROGRESS_APP_SECRET".into(), configured_secret));
     }
     Some(SpawnSpec {
         program,
@@ -401,16 +416,13 @@ pub fn request_startup() {
     if !active(cfg) || !may_spawn(cfg) {
         return;
     }
-    with_process(|p| {
-        p.client.check_alive();
-        if !p.client.is_connected() {
-            let Process {
-                client, last_spawn, ..
-            } = p;
-            if client.connect(false) == Err(crate::recorder::client::ConnectError::NoHub) {
-                maybe_spawn(last_spawn);
-                let _ = client.connect(true);
-            }
+    with_client(|client, no_hub| {
+        client.check_alive();
+        if !client.is_connected()
+            && client.connect(false) == Err(crate::recorder::client::ConnectError::NoHub)
+        {
+            no_hub();
+            let _ = client.connect(true);
         }
     });
 }
