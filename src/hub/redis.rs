@@ -798,20 +798,7 @@ async fn run_op(hub: &Hub, b: &Bridge, conn: &mut RConn, op: &Op) -> RedisResult
 /// `{"k":v,...,` (the script appends `"seq":N}`); whether the fields carry
 /// `bytes_total`. The same members as `State::terminal` builds.
 fn terminal_prefix(upload_id: &str, event: &str, fields: &str) -> (String, bool) {
-    let state = match event {
-        "complete" | "completed" => "complete",
-        "aborted" | "abort" => "aborted",
-        "failed" | "fail" | "error" => "failed",
-        other => other,
-    };
-    let mut obj = match serde_json::from_str::<serde_json::Value>(fields) {
-        Ok(serde_json::Value::Object(m)) => m,
-        _ => serde_json::Map::new(),
-    };
-    obj.remove("seq");
-    obj.insert("upload_id".into(), upload_id.into());
-    obj.insert("state".into(), state.into());
-    obj.insert("ts_ms".into(), now_ms().into());
+    let obj = super::state::terminal_data(upload_id, event, fields);
     let has_total = obj.contains_key("bytes_total");
     let mut s = serde_json::Value::Object(obj).to_string();
     s.pop();

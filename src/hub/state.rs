@@ -741,16 +741,7 @@ impl State {
             Metrics::add(&ctx.m.events_dropped, 1);
             return;
         }
-        let state = match event {
-            "complete" | "completed" => "complete",
-            "aborted" | "abort" => "aborted",
-            "failed" | "fail" | "error" => "failed",
-            other => other,
-        };
-        let mut obj = match serde_json::from_str::<serde_json::Value>(fields) {
-            Ok(serde_json::Value::Object(m)) => m,
-            _ => serde_json::Map::new(),
-        };
+        let mut obj = terminal_data(upload_id, event, fields);
         let upload = self.uploads.remove(upload_id);
         if let Some(u) = &upload {
             if u.bytes_total > 0 && !obj.contains_key("bytes_total") {
@@ -758,10 +749,7 @@ impl State {
             }
         }
         let seq = self.next_seq(&channel);
-        obj.insert("upload_id".into(), upload_id.into());
         obj.insert("seq".into(), seq.into());
-        obj.insert("state".into(), state.into());
-        obj.insert("ts_ms".into(), now_ms().into());
         let data = serde_json::Value::Object(obj).to_string();
         if self.deliver(ctx, &channel, event, &data, Some(seq), None) {
             if let Some(ch) = self.channels.get_mut(channel.as_str()) {
@@ -852,6 +840,30 @@ fn fan_out(
         }
     }
     evicted.len()
+}
+
+/// The members of a terminal upload event but `seq`: the report's own
+/// fields (a JSON object text) with `upload_id`, `state` and `ts_ms`.
+pub(crate) fn terminal_data(
+    upload_id: &str,
+    event: &str,
+    fields: &str,
+) -> serde_json::Map<String, serde_json::Value> {
+    let state = match event {
+        "complete" | "completed" => "complete",
+        "aborted" | "abort" => "aborted",
+        "failed" | "fail" | "error" => "failed",
+        other => other,
+    };
+    let mut obj = match serde_json::from_str::<serde_json::Value>(fields) {
+        Ok(serde_json::Value::Object(m)) => m,
+        _ => serde_json::Map::new(),
+    };
+    obj.remove("seq");
+    obj.insert("upload_id".into(), upload_id.into());
+    obj.insert("state".into(), state.into());
+    obj.insert("ts_ms".into(), now_ms().into());
+    obj
 }
 
 #[cfg(test)]

@@ -371,7 +371,7 @@ impl Store {
         // Aligned blocks bypass the page cache: one memory copy less per byte
         // and no writer queueing on the page cache of the shared data file.
         // Filesystems without O_DIRECT (tmpfs) refuse the open: buffered only.
-        let direct = (offset % DIRECT_ALIGN == 0 && self.fault_enospc_after.is_none())
+        let direct = (offset.is_multiple_of(DIRECT_ALIGN) && self.fault_enospc_after.is_none())
             .then(|| {
                 OpenOptions::new()
                     .write(true)
@@ -915,7 +915,7 @@ fn stream_chunk(
             let at = offset + written;
             let mut done = false;
             if let Some(d) = direct {
-                if bytes.len() % align == 0 && at % DIRECT_ALIGN == 0 {
+                if bytes.len().is_multiple_of(align) && at.is_multiple_of(DIRECT_ALIGN) {
                     match d.write_all_at(bytes, at) {
                         Ok(()) => done = true,
                         // Not supported after all (odd device block size): buffered from now on.
