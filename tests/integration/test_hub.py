@@ -57,6 +57,25 @@ def test_script_publish_reaches_websocket_client(make_stack):
     assert not [l for l in log.splitlines() if "WARNING" in l or "ERROR" in l or "Warning" in l], log
 
 
+def test_publish_array_matches_json_encode(make_stack):
+    """publish() encodes PHP arrays itself; subscribers must get what json_encode says:
+    lists vs objects (holes, negative and string keys), references, escapes, unicode,
+    integer limits, floats, nesting."""
+    s = make_stack()
+    hub_up(s)
+    c = Pusher(s)
+    status, body = http("POST", f"{s.base_url}/t/auth.php",
+                        f"socket_id={c.socket_id}&channel_name=private-upload.jsoncheck".encode(),
+                        {"Content-Type": "application/x-www-form-urlencoded"})
+    assert c.subscribe("private-upload.jsoncheck", auth=json.loads(body)["auth"])["event"] \
+        == "pusher_internal:subscription_succeeded"
+    status, body = get_json(f"{s.base_url}/t/publish_json.php")
+    assert status == 200 and body["ok"], body
+    msg = c.events(lambda m: m.get("event") == "custom")[-1]
+    assert json.loads(msg["data"]) == json.loads(body["expected"])
+    c.close()
+
+
 def test_private_channel_auth(make_stack):
     s = make_stack()
     hub_up(s)
