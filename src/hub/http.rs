@@ -16,7 +16,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use super::redis::{dispatch, Op};
 use super::state::data_seq;
-use super::{lock, log, ws, Hub, Metrics};
+use super::{lock, ws, Hub, Metrics};
 use crate::protocol::pusher;
 
 /// Largest request head accepted.
@@ -48,17 +48,7 @@ pub(crate) async fn accept_loop(
                 tokio::spawn(handle(hub.clone(), s));
             }
             Err(e) => {
-                // EMFILE/ENFILE/ENOBUFS/ENOMEM: the pending connection stays in the
-                // backlog; retrying at once would spin, so pause a little.
-                let resource = matches!(
-                    e.raw_os_error(),
-                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-                );
-                if last_log.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
-                    log(format_args!("accept failed: {e}"));
-                    last_log = Some(Instant::now());
-                }
-                let pause = Duration::from_millis(if resource { 100 } else { 5 });
+                let pause = super::accept_failed("accept", &e, &mut last_log);
                 tokio::select! {
                     _ = down.changed() => return,
                     _ = tokio::time::sleep(pause) => {}

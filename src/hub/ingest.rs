@@ -33,13 +33,10 @@ pub(crate) async fn accept_loop(
                 tokio::spawn(connection(hub.clone(), s, down.clone()));
             }
             Err(e) => {
-                if last_log.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
-                    log(format_args!("ingest accept failed: {e}"));
-                    last_log = Some(Instant::now());
-                }
+                let pause = super::accept_failed("ingest accept", &e, &mut last_log);
                 tokio::select! {
                     _ = down.changed() => return,
-                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    _ = tokio::time::sleep(pause) => {}
                 }
             }
         }
