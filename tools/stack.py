@@ -32,6 +32,7 @@ import atexit
 import ctypes
 import http.client
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -39,6 +40,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import weakref
@@ -372,7 +374,13 @@ class Stack:
 
     @property
     def fpm_socket(self) -> str:
-        return self._p("fpm.sock")
+        # sun_path holds 107 bytes and FPM truncates longer names silently; a deep
+        # checkout (CI clones far from /) must not break the stack.
+        path = self._p("fpm.sock")
+        if len(path.encode()) <= 100:
+            return path
+        digest = hashlib.sha1(self.run_dir.encode()).hexdigest()[:16]
+        return os.path.join(tempfile.gettempdir(), "upst-%d-%s.sock" % (os.getuid(), digest))
 
     @property
     def php_ini_path(self) -> str:
@@ -830,6 +838,11 @@ http {{
             except Exception:
                 pass
             self._stop_group("redis", self._pgids.get("redis"), signal.SIGTERM, ("redis",), 5)
+            if not self.fpm_socket.startswith(self.run_dir + os.sep):
+                try:
+                    os.unlink(self.fpm_socket)
+                except OSError:
+                    pass
             for p in self._procs.values():
                 try:
                     p.wait(timeout=0.1)
