@@ -8,6 +8,7 @@ pub mod hub;
 pub mod php;
 pub mod protocol;
 pub mod recorder;
+pub mod redis_url;
 pub mod secret;
 pub mod storage;
 

@@ -246,6 +246,12 @@ function is_disk_full(Throwable $e): bool
         || str_contains($m, 'disk quota') || str_contains($m, 'edquot') || str_contains($m, 'file too large');
 }
 
+/** The shared upload state (Redis, several hosts) cannot be reached: worth a retry. */
+function is_state_unavailable(Throwable $e): bool
+{
+    return str_contains($e->getMessage(), 'upload state in Redis');
+}
+
 /** Map exceptions of the extension (and PHP's own) to HTTP statuses. */
 function status_for(Throwable $e, string $context): int
 {
@@ -254,7 +260,7 @@ function status_for(Throwable $e, string $context): int
         $e instanceof \UploadProgress\NotFoundException => 404,
         $e instanceof \UploadProgress\ChecksumMismatchException => 422,
         $e instanceof \UploadProgress\InvalidChunkException => $context === 'complete' ? 409 : 422,
-        $e instanceof \UploadProgress\StorageException => is_disk_full($e) ? 507 : 500,
+        $e instanceof \UploadProgress\StorageException => is_disk_full($e) ? 507 : (is_state_unavailable($e) ? 503 : 500),
         $e instanceof \ValueError, $e instanceof \InvalidArgumentException, $e instanceof \TypeError,
         $e instanceof \ArgumentCountError => 400,
         // Any other error of the extension is about the state of the upload (e.g. a chunk

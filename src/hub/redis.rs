@@ -149,58 +149,8 @@ pub(crate) fn dispatch(hub: &Hub, op: Op) {
 
 // ------------------------------------------------------------------ settings
 
-/// `upload_progress.redis_url`: `redis://[user:pass@]host:port[/db][?cluster=1]`
-/// (or `rediss://` when built with TLS). With `cluster=1` (also `true`, `yes`)
-/// the URL is a seed node of a Redis Cluster; several seeds may be given
-/// separated by commas.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct RedisSettings {
-    pub urls: Vec<String>,
-    pub cluster: bool,
-}
-
-pub(crate) fn parse_redis_url(s: &str) -> Result<RedisSettings, String> {
-    let mut urls = Vec::new();
-    let mut cluster = false;
-    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (base, query) = part.split_once('?').unwrap_or((part, ""));
-        let mut kept = Vec::new();
-        for kv in query.split('&').filter(|kv| !kv.is_empty()) {
-            let (k, v) = kv.split_once('=').unwrap_or((kv, "1"));
-            if k.eq_ignore_ascii_case("cluster") {
-                cluster |= matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on");
-            } else {
-                kept.push(kv);
-            }
-        }
-        if !(base.starts_with("redis://") || base.starts_with("rediss://")) {
-            return Err(format!(
-                "{part:?} is not a redis:// or rediss:// URL (upload_progress.redis_url)"
-            ));
-        }
-        let url = if kept.is_empty() {
-            base.to_string()
-        } else {
-            format!("{base}?{}", kept.join("&"))
-        };
-        url.as_str()
-            .into_connection_info()
-            .map_err(|e| format!("invalid redis URL {part:?}: {e}"))?;
-        urls.push(url);
-    }
-    if urls.is_empty() {
-        return Err("upload_progress.redis_url is empty".into());
-    }
-    Ok(RedisSettings { urls, cluster })
-}
-
-/// The URL with its password hidden, for logs.
-fn redacted(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
-        _ => url.to_string(),
-    }
-}
+use crate::redis_url::{key_prefix, redacted};
+pub(crate) use crate::redis_url::{parse_redis_url, RedisSettings};
 
 // ------------------------------------------------------------------ keys
 
@@ -210,12 +160,8 @@ struct Keys {
 
 impl Keys {
     fn new(app_id: &str) -> Keys {
-        let app: String = app_id
-            .chars()
-            .map(|c| if c == '{' || c == '}' { '_' } else { c })
-            .collect();
         Keys {
-            prefix: format!("up:{app}:"),
+            prefix: key_prefix(app_id),
         }
     }
     fn latest(&self, ch: &str) -> String {
@@ -1138,21 +1084,6 @@ fn on_push(hub: &Hub, b: &Bridge, p: PushInfo) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn urls() {
-        let s = parse_redis_url("redis://127.0.0.1:6379").unwrap();
-        assert_eq!(s.urls, vec!["redis://127.0.0.1:6379"]);
-        assert!(!s.cluster);
-        let s = parse_redis_url("redis://a:1/?cluster=1&protocol=resp3, redis://b:2?cluster=yes")
-            .unwrap();
-        assert!(s.cluster);
-        assert_eq!(s.urls, vec!["redis://a:1/?protocol=resp3", "redis://b:2"]);
-        assert!(parse_redis_url("http://x").is_err());
-        assert!(parse_redis_url("").is_err());
-        assert_eq!(redacted("redis://u:pw@h:1/0"), "redis://***@h:1/0");
-        assert_eq!(redacted("redis://h:1"), "redis://h:1");
-    }
 
     #[test]
     fn keys_share_one_hash_tag() {

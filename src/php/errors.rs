@@ -109,7 +109,7 @@ pub fn storage_error(err: StorageError) -> PhpException {
         StorageError::ChecksumMismatch { .. } => {
             PhpException::from_class::<ChecksumMismatchException>(message)
         }
-        StorageError::NoSpace(_) | StorageError::Io(_) => {
+        StorageError::NoSpace(_) | StorageError::Io(_) | StorageError::Unavailable(_) => {
             PhpException::from_class::<StorageException>(message)
         }
     }

@@ -8,7 +8,10 @@ use crate::php::errors::{storage_error, value_error};
 use crate::php::{ini, recorder, sapi};
 use crate::protocol::ingest::{IngestMessage, ProgressReport, StreamOutcome};
 use crate::recorder::Throttle;
-use crate::storage::{Store, StoreOptions, UploadState, UploadStatus};
+use crate::redis_url::{key_prefix, parse_redis_url};
+use crate::storage::{
+    RedisStateOptions, StorageError, Store, StoreOptions, UploadState, UploadStatus,
+};
 use ext_php_rs::boxed::ZBox;
 use ext_php_rs::flags::ClassFlags;
 use ext_php_rs::prelude::*;
@@ -16,20 +19,36 @@ use ext_php_rs::types::{ZendCallable, ZendHashTable, Zval};
 use once_cell::sync::OnceCell;
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 static STORE: OnceCell<Store> = OnceCell::new();
 
+/// Connect, read and write timeout of the upload state in Redis: a PHP worker
+/// waits at most this long per call before it gets a StorageException.
+const REDIS_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// One store per process; with `redis_url` set its Redis connection is kept
+/// across requests (opened on first use, so the FPM master never holds one).
 fn store() -> PhpResult<&'static Store> {
     STORE
         .get_or_try_init(|| {
             let cfg = ini::config();
-            Store::new(StoreOptions {
+            let store = Store::new(StoreOptions {
                 root: cfg.storage_dir.clone(),
                 default_chunk_size: cfg.chunk_size,
                 max_upload_size: cfg.max_upload_size,
                 expire_seconds: cfg.expire_seconds,
-            })
+            })?;
+            if cfg.redis_url.trim().is_empty() {
+                return Ok(store);
+            }
+            // A bad URL must not fall back to local state: hosts would disagree.
+            let settings = parse_redis_url(&cfg.redis_url).map_err(StorageError::Unavailable)?;
+            Ok(store.with_redis_state(RedisStateOptions {
+                settings,
+                key_prefix: key_prefix(&cfg.app_id),
+                timeout: REDIS_TIMEOUT,
+            }))
         })
         .map_err(storage_error)
 }
@@ -265,12 +284,10 @@ impl Upload {
         let source_file = sourceFile;
         let store = store()?;
         if index < 0 || index as u64 >= self.chunk_count {
-            return Err(storage_error(crate::storage::StorageError::InvalidChunk(
-                format!(
-                    "chunk index {index} is out of range 0..{} for upload {}",
-                    self.chunk_count, self.id
-                ),
-            )));
+            return Err(storage_error(StorageError::InvalidChunk(format!(
+                "chunk index {index} is out of range 0..{} for upload {}",
+                self.chunk_count, self.id
+            ))));
         }
         let before = store.status(&self.id).map_err(storage_error)?;
         let stream = recorder::next_stream_id();
@@ -284,7 +301,7 @@ impl Upload {
         let result = match source_file {
             Some(path) => {
                 let mut file = std::fs::File::open(&path).map_err(|e| {
-                    storage_error(crate::storage::StorageError::Io(format!(
+                    storage_error(StorageError::Io(format!(
                         "cannot open source file \"{path}\": {e}"
                     )))
                 })?;
@@ -309,7 +326,7 @@ impl Upload {
                                 checksum.as_deref(),
                                 &mut on_progress,
                             ),
-                            None => Err(crate::storage::StorageError::Io(
+                            None => Err(StorageError::Io(
                                 "the request body was already consumed and php://input cannot replay it".into(),
                             )),
                         }

@@ -9,7 +9,7 @@ use std::path::Path;
 /// Payload conventions (the PHP wrapper maps the variants to exceptions):
 /// - `InvalidId(id)` and `NotFound(id)` carry the upload id as given (`InvalidId` shortens ids
 ///   longer than 128 bytes); `Display` builds the sentence.
-/// - `InvalidArgument`, `InvalidChunk`, `NoSpace` and `Io` carry the complete, human readable
+/// - `InvalidArgument`, `InvalidChunk`, `NoSpace`, `Io` and `Unavailable` carry the complete, human readable
 ///   message, which names the offending value.
 /// - `ChecksumMismatch` with `index == u64::MAX` ([`WHOLE_FILE`]) is the whole-file sha256 check
 ///   of `complete()`; any other index is the chunk whose `sha256:` checksum did not match.
@@ -43,6 +43,9 @@ pub enum StorageError {
     NoSpace(String),
     /// Any other I/O failure (including a failing request-body source).
     Io(String),
+    /// The shared state store (Redis) could not be reached or answered with an error;
+    /// nothing was marked, the call can be retried once it is back.
+    Unavailable(String),
 }
 
 /// The `index` of [`StorageError::ChecksumMismatch`] for the whole-file check in `complete()`.
@@ -63,7 +66,8 @@ impl fmt::Display for StorageError {
             StorageError::InvalidArgument(m)
             | StorageError::InvalidChunk(m)
             | StorageError::NoSpace(m)
-            | StorageError::Io(m) => f.write_str(m),
+            | StorageError::Io(m)
+            | StorageError::Unavailable(m) => f.write_str(m),
             StorageError::ChecksumMismatch {
                 index,
                 expected,

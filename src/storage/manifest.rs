@@ -13,7 +13,7 @@ use std::path::Path;
 
 pub(crate) const MANIFEST: &str = "manifest.json";
 const MANIFEST_TMP: &str = "manifest.json.tmp";
-const FORMAT_VERSION: u32 = 1;
+pub(crate) const FORMAT_VERSION: u32 = 1;
 
 /// Lifecycle state of an upload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -92,13 +92,9 @@ impl Manifest {
     /// Refuses a manifest that `create` and the writers could never have produced: the
     /// file is data on disk (another process, another host, a tampered or damaged file),
     /// and everything downstream (offsets, byte counts, the path handed to PHP) trusts it.
-    fn check(&self, id: &str, path: &Path) -> Result<(), StorageError> {
-        let inconsistent = |why: String| {
-            Err(StorageError::Io(format!(
-                "manifest {} is inconsistent: {why}",
-                path.display()
-            )))
-        };
+    pub(crate) fn check(&self, id: &str, origin: &str) -> Result<(), StorageError> {
+        let inconsistent =
+            |why: String| Err(StorageError::Io(format!("{origin} is inconsistent: {why}")));
         if self.version != FORMAT_VERSION {
             return inconsistent(format!(
                 "version {} (expected {FORMAT_VERSION})",
@@ -207,7 +203,7 @@ pub(crate) fn load(dir: &Path, id: &str) -> Result<Option<Manifest>, StorageErro
     };
     let m: Manifest = serde_json::from_slice(&bytes)
         .map_err(|e| StorageError::Io(format!("manifest {} is not valid: {e}", path.display())))?;
-    m.check(id, &path)?;
+    m.check(id, &format!("manifest {}", path.display()))?;
     Ok(Some(m))
 }
 

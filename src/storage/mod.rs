@@ -75,16 +75,21 @@
 mod error;
 mod id;
 mod manifest;
+mod redis_state;
 mod sys;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_redis;
 
 pub use error::{StorageError, WHOLE_FILE};
 pub use id::{new_id, valid_id, ID_LEN};
 pub use manifest::UploadState;
+pub use redis_state::{RedisStateOptions, KEY_GRACE_S};
 
 use error::{io_error, shorten};
 use manifest::Manifest;
+use redis_state::{AbortOutcome, Completed, RedisState};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fs::{self, DirBuilder, File, OpenOptions};
@@ -144,6 +149,9 @@ pub struct Store {
     max_upload_size: u64,
     expire_seconds: u64,
     fault_enospc_after: Option<u64>,
+    /// Where the state of uploads lives when several hosts share the directory;
+    /// `None`: in `manifest.json` next to the data.
+    redis: Option<RedisState>,
     #[cfg(test)]
     clock_offset: std::sync::atomic::AtomicU64,
 }
@@ -222,9 +230,17 @@ impl Store {
             max_upload_size: opts.max_upload_size,
             expire_seconds: opts.expire_seconds,
             fault_enospc_after,
+            redis: None,
             #[cfg(test)]
             clock_offset: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// Keeps the state of uploads in Redis instead of `manifest.json` (several hosts
+    /// sharing the directory); see the `redis_state` module. Connects on first use.
+    pub fn with_redis_state(mut self, opts: RedisStateOptions) -> Store {
+        self.redis = Some(RedisState::new(opts));
+        self
     }
 
     /// The absolute storage directory.
@@ -296,9 +312,15 @@ impl Store {
                 now,
                 self.expiry_from(now),
             );
-            manifest::store(&dir, &m)?;
+            if self.redis.is_none() {
+                manifest::store(&dir, &m)?;
+            }
             sys::sync_dir(&dir).map_err(|e| io_error("syncing", &dir, &e))?;
             sys::sync_dir(&self.root).map_err(|e| io_error("syncing", &self.root, &e))?;
+            // Last: the upload exists for other hosts only once its files do.
+            if let Some(r) = &self.redis {
+                r.create(&m)?;
+            }
             Ok(self.status_of(&m))
         })();
         if result.is_err() {
@@ -358,7 +380,12 @@ impl Store {
         let len = m.chunk_len(index);
         let offset = index * m.chunk_size;
 
-        let data_path = dir.join(DATA_PART);
+        let mut data_path = dir.join(DATA_PART);
+        if !data_path.exists() && dir.join(DATA).exists() {
+            // complete() renamed it but its state change did not land (crash, lost
+            // Redis write): the chunk still goes into the one data file.
+            data_path = dir.join(DATA);
+        }
         let file = match OpenOptions::new().write(true).open(&data_path) {
             Ok(f) => f,
             Err(e) if manifest::is_gone(&e) => return Err(StorageError::NotFound(id.to_string())),
@@ -421,12 +448,23 @@ impl Store {
             .map_err(|e| io_error(&what, &data_path, &e))?;
         drop(file);
 
-        let _manifest_lock = ByteLock::acquire(&lock_file, MANIFEST_LOCK_BYTE)
-            .map_err(|e| io_error("locking the manifest in", &dir.join(LOCK), &e))?;
-        let mut m = self.load_live(id, &dir)?;
-        m.mark_stored(index, streamed.sha256);
-        self.touch(&mut m);
-        manifest::store(&dir, &m)?;
+        let m = match &self.redis {
+            Some(r) => {
+                let now = self.now();
+                let expires_at = self.expiry_from(now);
+                r.mark(id, index, streamed.sha256.as_deref(), now, expires_at)?
+                    .ok_or_else(|| StorageError::NotFound(id.to_string()))?
+            }
+            None => {
+                let _manifest_lock = ByteLock::acquire(&lock_file, MANIFEST_LOCK_BYTE)
+                    .map_err(|e| io_error("locking the manifest in", &dir.join(LOCK), &e))?;
+                let mut m = self.load_live(id, &dir)?;
+                m.mark_stored(index, streamed.sha256);
+                self.touch(&mut m);
+                manifest::store(&dir, &m)?;
+                m
+            }
+        };
         Ok(ChunkOutcome {
             status: self.status_of(&m),
             already_stored: false,
@@ -448,18 +486,8 @@ impl Store {
         if m.state == UploadState::Complete {
             return Ok(self.status_of(&m));
         }
-        let missing = m.missing();
-        if !missing.is_empty() {
-            let mut list: Vec<String> = missing.iter().take(20).map(u64::to_string).collect();
-            if missing.len() > 20 {
-                list.push("...".to_string());
-            }
-            return Err(StorageError::InvalidChunk(format!(
-                "upload {id} is missing {} of {} chunks: {}",
-                missing.len(),
-                m.chunk_count,
-                list.join(", ")
-            )));
+        if !m.missing().is_empty() {
+            return Err(missing_chunks(id, &m));
         }
         let part = dir.join(DATA_PART);
         let done = dir.join(DATA);
@@ -493,8 +521,17 @@ impl Store {
             fs::rename(&part, &done).map_err(|e| io_error("renaming", &part, &e))?;
             sys::sync_dir(&dir).map_err(|e| io_error("syncing", &dir, &e))?;
         }
+        let path = done.to_string_lossy().into_owned();
+        if let Some(r) = &self.redis {
+            let now = self.now();
+            return match r.complete(&m, &path, now, self.expiry_from(now))? {
+                Some(Completed::Done(m)) => Ok(self.status_of(&m)),
+                Some(Completed::Missing(m)) => Err(missing_chunks(id, &m)),
+                None => Err(StorageError::NotFound(id.to_string())),
+            };
+        }
         m.state = UploadState::Complete;
-        m.path = Some(done.to_string_lossy().into_owned());
+        m.path = Some(path);
         self.touch(&mut m);
         manifest::store(&dir, &m)?;
         Ok(self.status_of(&m))
@@ -506,6 +543,22 @@ impl Store {
     pub fn abort(&self, id: &str) -> Result<(), StorageError> {
         let dir = self.upload_dir(id)?;
         let lock_file = open_lock(&dir, id)?;
+        if let Some(r) = &self.redis {
+            let outcome = {
+                let _lock = ByteLock::acquire(&lock_file, MANIFEST_LOCK_BYTE)
+                    .map_err(|e| io_error("locking the manifest in", &dir.join(LOCK), &e))?;
+                r.abort(id, self.now())?
+            };
+            if matches!(outcome, AbortOutcome::Unknown) {
+                return Err(StorageError::NotFound(id.to_string()));
+            }
+            drop(lock_file);
+            let _ = fs::remove_dir_all(&dir);
+            return match outcome {
+                AbortOutcome::Removed => Ok(()),
+                _ => Err(StorageError::NotFound(id.to_string())),
+            };
+        }
         {
             let manifest_lock = ByteLock::acquire(&lock_file, MANIFEST_LOCK_BYTE)
                 .map_err(|e| io_error("locking the manifest in", &dir.join(LOCK), &e))?;
@@ -590,46 +643,47 @@ impl Store {
             let Some(id) = name.to_str().filter(|n| valid_id(n)) else {
                 continue;
             };
-            if let Some(s) = self.sweep_one(id, &entry.path()) {
-                swept.push(s);
+            match self.sweep_one(id, &entry.path()) {
+                Ok(Some(s)) => swept.push(s),
+                Ok(None) => {}
+                // Without the state store nothing can be told apart: try again later.
+                Err(_) => break,
             }
         }
         swept
     }
 
-    fn sweep_one(&self, id: &str, dir: &Path) -> Option<SweptUpload> {
-        match manifest::load(dir, id) {
+    /// `Err` only when the state store is unreachable.
+    fn sweep_one(&self, id: &str, dir: &Path) -> Result<Option<SweptUpload>, StorageError> {
+        match self.load_manifest(dir, id) {
+            Err(e @ StorageError::Unavailable(_)) => Err(e),
             Ok(Some(m)) if m.state == UploadState::Aborted => {
                 let _ = fs::remove_dir_all(dir);
-                None
+                Ok(None)
             }
             Ok(Some(m)) if m.is_expired(self.now()) => {
-                let lock_file = OpenOptions::new()
+                let Ok(lock_file) = OpenOptions::new()
                     .read(true)
                     .write(true)
                     .open(dir.join(LOCK))
-                    .ok()?;
-                let state = {
-                    let _l = ByteLock::acquire(&lock_file, MANIFEST_LOCK_BYTE).ok()?;
-                    let mut m = manifest::load(dir, id).ok()??;
-                    if !m.is_expired(self.now()) || m.state == UploadState::Aborted {
-                        return None; // touched (or aborted) meanwhile
-                    }
-                    let state = m.state;
-                    m.state = UploadState::Aborted;
-                    if manifest::store(dir, &m).is_err() {
-                        fs::remove_file(dir.join(manifest::MANIFEST)).ok()?;
-                    }
-                    state
+                else {
+                    return Ok(None);
                 };
+                let Ok(lock) = ByteLock::acquire(&lock_file, MANIFEST_LOCK_BYTE) else {
+                    return Ok(None);
+                };
+                let Some(state) = self.expire_locked(dir, id)? else {
+                    return Ok(None); // touched (or aborted) meanwhile
+                };
+                drop(lock);
                 drop(lock_file);
                 let _ = fs::remove_dir_all(dir);
-                Some(SweptUpload {
+                Ok(Some(SweptUpload {
                     id: id.to_string(),
                     state,
-                })
+                }))
             }
-            Ok(Some(_)) => None,
+            Ok(Some(_)) => Ok(None),
             Ok(None) | Err(_) => {
                 let old = fs::metadata(dir)
                     .ok()
@@ -639,8 +693,38 @@ impl Store {
                 if old {
                     let _ = fs::remove_dir_all(dir);
                 }
-                None
+                Ok(None)
             }
+        }
+    }
+
+    /// Under the manifest lock: marks an expired upload aborted and returns the state it
+    /// had; `None` when it is live again or already gone.
+    fn expire_locked(&self, dir: &Path, id: &str) -> Result<Option<UploadState>, StorageError> {
+        if let Some(r) = &self.redis {
+            return r.expire(id, self.now());
+        }
+        let Ok(Some(mut m)) = manifest::load(dir, id) else {
+            return Ok(None);
+        };
+        if !m.is_expired(self.now()) || m.state == UploadState::Aborted {
+            return Ok(None);
+        }
+        let state = m.state;
+        m.state = UploadState::Aborted;
+        if manifest::store(dir, &m).is_err()
+            && fs::remove_file(dir.join(manifest::MANIFEST)).is_err()
+        {
+            return Ok(None);
+        }
+        Ok(Some(state))
+    }
+
+    /// The state of upload `id` wherever it is kept; `None` when there is none.
+    fn load_manifest(&self, dir: &Path, id: &str) -> Result<Option<Manifest>, StorageError> {
+        match &self.redis {
+            Some(r) => r.load(id),
+            None => manifest::load(dir, id),
         }
     }
 
@@ -654,7 +738,7 @@ impl Store {
 
     /// The manifest of a live upload: `NotFound` when missing, aborted or expired.
     fn load_live(&self, id: &str, dir: &Path) -> Result<Manifest, StorageError> {
-        match manifest::load(dir, id)? {
+        match self.load_manifest(dir, id)? {
             Some(m) if m.state != UploadState::Aborted && !m.is_expired(self.now()) => Ok(m),
             _ => Err(StorageError::NotFound(id.to_string())),
         }
@@ -738,6 +822,21 @@ impl Store {
             .unwrap_or(0)
             + offset
     }
+}
+
+/// `InvalidChunk` listing (up to 20 of) the chunks `m` misses.
+fn missing_chunks(id: &str, m: &Manifest) -> StorageError {
+    let missing = m.missing();
+    let mut list: Vec<String> = missing.iter().take(20).map(u64::to_string).collect();
+    if missing.len() > 20 {
+        list.push("...".to_string());
+    }
+    StorageError::InvalidChunk(format!(
+        "upload {id} is missing {} of {} chunks: {}",
+        missing.len(),
+        m.chunk_count,
+        list.join(", ")
+    ))
 }
 
 fn create_root(root: &Path) -> Result<(), StorageError> {

@@ -1,6 +1,6 @@
 """Many hosts (issue 7): two stacks ("hosts" A and B) on one machine share one
-storage directory and one Redis; chunks of one upload alternate between them,
-the browser is connected to B's hub only.
+storage directory (chunk data) and one Redis (upload state, events); chunks of
+one upload alternate between them, the browser is connected to B's hub only.
 
 Each test starts its own redis-server(s) on free loopback ports, so it can
 restart Redis mid-upload, or build a 3-master Redis Cluster."""
@@ -40,8 +40,10 @@ class RedisServer:
         self.proc = None
 
     def start(self):
+        # Upload state lives here: persistence as docs/scaling.md asks for it.
         argv = [REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", str(self.dir), "--protected-mode", "no",
+                "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.dir),
+                "--protected-mode", "no",
                 "--logfile", str(self.dir / "redis.log")]
         if self.cluster:
             # The bus port defaults to port + 10000, too high for most free ports.
@@ -186,7 +188,12 @@ def single_numsub(redis):
     return numsub
 
 
-def run_two_host_upload(make_stack, tmp_path, redis_url, numsub, size=24 * MiB, chunk=MiB):
+def state_key(upload_id):
+    return f"up:{APP}:upload:{{private-upload.{upload_id}}}"
+
+
+def run_two_host_upload(make_stack, tmp_path, redis_url, numsub, size=24 * MiB, chunk=MiB,
+                        hgetall=None):
     a, b = two_hosts(make_stack, tmp_path, redis_url)
     path = tmp_path / "file.bin"
     digest = make_file(path, size)
@@ -196,7 +203,18 @@ def run_two_host_upload(make_stack, tmp_path, redis_url, numsub, size=24 * MiB, 
     channel = subscribe_upload(b, c, up["id"])
     wait_subscribed(numsub, channel)
     t0 = time.time()
-    upload_alternating([a, b], path, up, range(n))
+    upload_alternating([a, b], path, up, range(n // 2))
+    # Mid-upload: the state is in Redis, none of it in files; each host reads it.
+    upload_dir = Path(a.storage_dir) / up["id"]
+    assert sorted(p.name for p in upload_dir.iterdir()) == ["data.part", "lock"]
+    if hgetall:
+        fields = hgetall(state_key(up["id"]))
+        assert fields["state"] == "uploading" and fields["total"] == str(size), fields
+        assert sum(k.startswith("sha:") for k in fields) == n // 2, sorted(fields)
+    for s in (a, b):
+        st, body = request("GET", f"{s.base_url}/api/uploads/{up['id']}")
+        assert st == 200 and json.loads(body)["chunks_done"] == n // 2, body
+    upload_alternating([a, b], path, up, range(n // 2, n))
     status, done = request("POST", f"{a.base_url}/api/uploads/{up['id']}/complete")
     assert status == 200, done
     elapsed = time.time() - t0
@@ -220,9 +238,17 @@ def run_two_host_upload(make_stack, tmp_path, redis_url, numsub, size=24 * MiB, 
     return a, b, metrics(a), metrics(b)
 
 
+def cli_hgetall(redis):
+    def hgetall(key):
+        out = redis.cli("HGETALL", key).splitlines()
+        return dict(zip(out[::2], out[1::2]))
+    return hgetall
+
+
 def test_two_hosts_share_one_upload(make_stack, tmp_path, redis_servers):
     (redis,) = redis_servers()
-    a, b, ma, mb = run_two_host_upload(make_stack, tmp_path, redis.url, single_numsub(redis))
+    a, b, ma, mb = run_two_host_upload(make_stack, tmp_path, redis.url, single_numsub(redis),
+                                       hgetall=cli_hgetall(redis))
     assert ma["redis_published_total"] > 0 and mb["redis_received_total"] > 0
     assert ma["redis_errors_total"] == 0 and mb["redis_errors_total"] == 0
     # B's client left: B unsubscribed in Redis (it subscribes only while it has clients).
@@ -230,9 +256,12 @@ def test_two_hosts_share_one_upload(make_stack, tmp_path, redis_servers):
     while time.time() < deadline and redis.cli("PUBSUB", "CHANNELS", f"up:{APP}:ev:*").strip():
         time.sleep(0.05)
     assert redis.cli("PUBSUB", "CHANNELS", f"up:{APP}:ev:*").strip() == ""
-    # The latest event is kept with a TTL.
+    # The latest event is kept with a TTL, the upload state with expiry + grace.
     keys = redis.cli("--scan", "--pattern", f"up:{APP}:latest:*").split()
     assert keys and all(0 < int(redis.cli("TTL", k)) <= 86400 for k in keys)
+    keys = redis.cli("--scan", "--pattern", f"up:{APP}:upload:*").split()
+    assert len(keys) == 1 and cli_hgetall(redis)(keys[0])["state"] == "complete"
+    assert 86400 < int(redis.cli("TTL", keys[0])) <= 86400 + 600
 
 
 def test_redis_restart_mid_upload(make_stack, tmp_path, redis_servers):
@@ -252,14 +281,35 @@ def test_redis_restart_mid_upload(make_stack, tmp_path, redis_servers):
     redis.stop()
     for s in (a, b):
         wait_metric(s, "redis_connected", 0)
-    # Uploads go on without Redis (storage is shared files); B's client keeps
-    # getting the events of chunks B stores.
-    upload_alternating([a, b], path, up, range(6, 10))
+    # The upload state is in Redis: chunks are refused at once with a 503
+    # the client retries (never a hang, never a half-marked chunk).
+    with open(path, "rb") as f:
+        f.seek(6 * chunk)
+        data = f.read(chunk)
+    for s in (a, b):
+        t0 = time.time()
+        status, err = put_chunk(s, up["id"], 6, data)
+        assert status == 503 and "Redis" in err["error"], (status, err)
+        assert time.time() - t0 < 5
+    # A plain request with a progress id needs no shared state: still reported.
+    status, body = request("PUT", f"{b.base_url}/t/body.php?X-Progress-ID=plain1", b"x" * 100000)
+    assert status == 200 and json.loads(body)["size"] == 100000, body
+    deadline = time.time() + 10
+    while True:
+        status, body = request("GET", f"{b.base_url}/t/progress.php?id=plain1")
+        if (status == 200 and body != b"null" and json.loads(body).get("state") == "complete") \
+                or time.time() > deadline:
+            break
+        time.sleep(0.05)
+    assert json.loads(body)["state"] == "complete", body
     redis.start()
     for s in (a, b):
         wait_metric(s, "redis_connected", 1)
     wait_subscribed(single_numsub(redis), channel)
-    upload_alternating([a, b], path, up, range(10, n))
+    # The stored state survived the restart (append-only file): 6 chunks in.
+    status, body = request("GET", f"{b.base_url}/api/uploads/{up['id']}")
+    assert status == 200 and json.loads(body)["missing"] == list(range(6, n)), body
+    upload_alternating([a, b], path, up, range(6, n))
     status, done = request("POST", f"{a.base_url}/api/uploads/{up['id']}/complete")
     assert status == 200, done
     done = json.loads(done)
@@ -300,7 +350,19 @@ def test_two_hosts_redis_cluster(make_stack, tmp_path, redis_servers):
             total += int(out[1]) if len(out) > 1 else 0
         return total
 
+    def hgetall(key):
+        # Ask every master: the one owning the key's slot answers.
+        for r in nodes:
+            try:
+                out = r.cli("HGETALL", key).splitlines()
+            except subprocess.CalledProcessError:
+                continue
+            if out and not out[0].startswith("MOVED"):
+                return dict(zip(out[::2], out[1::2]))
+        return {}
+
     url = f"{nodes[0].url}?cluster=1"
-    a, b, ma, mb = run_two_host_upload(make_stack, tmp_path, url, numsub, size=12 * MiB)
+    a, b, ma, mb = run_two_host_upload(make_stack, tmp_path, url, numsub, size=12 * MiB,
+                                       hgetall=hgetall)
     assert ma["redis_errors_total"] == 0 and mb["redis_errors_total"] == 0
     assert mb["redis_received_total"] > 0
