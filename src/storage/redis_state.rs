@@ -67,7 +67,7 @@ end
 // LOAD: -> {1, fields, bits}
 const LOAD: &str = "return snap(1)";
 
-// CREATE: ARGV key_expire_ms, chunk_count, field, value, ... -> 1 | 0 (exists)
+// CREATE: ARGV key_expire_ms, chunk_count, field, value, ... -> 1 | 0 (existed)
 const CREATE: &str = r#"
 if redis.call('EXISTS', h) == 1 then return 0 end
 redis.call('DEL', b)
@@ -223,7 +223,7 @@ impl RedisState {
         Ok(m)
     }
 
-    /// Stores a new upload's state; an `Io` error when the id exists already.
+    /// Stores a new upload's state.
     pub fn create(&self, m: &Manifest) -> Result<(), StorageError> {
         let mut args = vec![
             key_expire_ms(m.expires_at).to_string(),
@@ -248,14 +248,10 @@ impl RedisState {
         if let Some(sha) = &m.sha256 {
             field("sha256", sha.clone());
         }
-        match self.run(&m.id, "creating", &self.scripts.create, &args)? {
-            Value::Int(1) => Ok(()),
-            _ => Err(StorageError::Io(format!(
-                "upload {} exists already in Redis {}",
-                m.id,
-                self.describe()
-            ))),
-        }
+        // 0 ("exists") can only be this call's own first attempt whose reply was
+        // lost: ids carry 128 random bits and their directory was just made.
+        self.run(&m.id, "creating", &self.scripts.create, &args)
+            .map(drop)
     }
 
     /// Marks chunk `index` stored (when the upload is live and uploading) and
@@ -330,15 +326,29 @@ impl RedisState {
         args: &[String],
     ) -> Result<Value, StorageError> {
         let mut guard = self.lock();
-        let result = self.connection(&mut guard).and_then(|conn| {
-            let [h, b] = self.keys(id);
-            let mut inv = script.key(h);
-            inv.key(b);
-            for a in args {
-                inv.arg(a);
+        let reused = guard.as_ref().is_some_and(|o| o.pid == std::process::id());
+        let attempt = |slot: &mut Option<Owned>| {
+            self.connection(slot).and_then(|conn| {
+                let [h, b] = self.keys(id);
+                let mut inv = script.key(h);
+                inv.key(b);
+                for a in args {
+                    inv.arg(a);
+                }
+                inv.invoke::<Value>(conn.as_dyn())
+            })
+        };
+        let mut result = attempt(&mut guard);
+        if let Err(e) = &result {
+            *guard = None;
+            // A connection kept from an earlier request finds out only now that
+            // Redis restarted or an idle timeout closed it: one fresh try. The
+            // scripts are idempotent, so a retry after a lost reply is harmless;
+            // a timeout is not retried (it would double the wait).
+            if reused && !e.is_timeout() && (e.is_connection_dropped() || e.is_io_error()) {
+                result = attempt(&mut guard);
             }
-            inv.invoke::<Value>(conn.as_dyn())
-        });
+        }
         result.map_err(|e| {
             // Whatever went wrong, the connection may be out of step: start afresh.
             *guard = None;

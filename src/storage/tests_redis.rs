@@ -272,11 +272,14 @@ fn redis_down_fails_fast_with_unavailable_and_recovers_by_itself() {
     let mut redis = redis_or_skip!();
     let tmp = TempDir::new().unwrap();
     let store = redis_store(&tmp.path().join("u"), &redis.url());
+    // Another worker whose connection is open, and idle during the outage.
+    let idle = redis_store(&tmp.path().join("u"), &redis.url());
     let st = store
         .create(3000, Some(1000), BTreeMap::new(), None)
         .unwrap();
     let id = st.id.clone();
     put(&store, &id, 0, &[1; 1000]).unwrap();
+    assert_eq!(idle.status(&id).unwrap().chunks_done, 1);
 
     redis.stop();
     let t0 = Instant::now();
@@ -305,6 +308,9 @@ fn redis_down_fails_fast_with_unavailable_and_recovers_by_itself() {
     assert!(tmp.path().join("u").join(&id).join("data.part").exists());
 
     redis.restart();
+    // The idle worker's connection died with the old server: its next call
+    // still succeeds (one fresh try), it does not hand out a stale error.
+    assert_eq!(idle.status(&id).unwrap().missing, vec![1, 2]);
     // Same Store, no restart of anything: it connects again on the next call,
     // and the append-only file kept chunk 0.
     let st = store.status(&id).unwrap();
