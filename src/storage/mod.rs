@@ -63,6 +63,12 @@
 //! root directory (the mtime of `<root>/.sweep`, claimed with a non-blocking OFD lock).
 //! Applications keep a finished file by moving it out of `<root>` before it expires.
 //!
+//! # Several hosts
+//!
+//! With [`Store::with_redis_state`] no manifest is written: the same state lives in Redis
+//! (see `redis_state`), marks are atomic Lua scripts instead of manifest rewrites under
+//! byte 0, and byte 0 only keeps `complete`, `abort` and the sweep apart.
+//!
 //! # Fault hook (tests)
 //!
 //! Disk-full handling is tested without a small filesystem through a fault hook: when the

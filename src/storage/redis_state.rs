@@ -616,6 +616,33 @@ mod tests {
         assert!(manifest_from(&f, &[]).is_err());
     }
 
+    proptest::proptest! {
+        /// Whatever another host (or anyone with access to Redis) left in the keys:
+        /// an error or a manifest that passes the same check as one read from disk.
+        #[test]
+        fn arbitrary_state_never_panics(
+            mutations in proptest::collection::vec(
+                (proptest::sample::select(vec![
+                    "v", "id", "state", "total", "chunk_size", "count", "meta",
+                    "created_at", "touched_at", "expires_at", "sha256", "path", "sha:0", "sha:x",
+                ]), "[-0-9a-z{}\":,]{0,24}"),
+                0..6,
+            ),
+            bits in proptest::collection::vec(proptest::num::u8::ANY, 0..4),
+        ) {
+            let mut f = base();
+            for (k, v) in mutations {
+                f.insert(k.to_string(), v);
+            }
+            if let Ok(m) = manifest_from(&f, &bits) {
+                if m.check("abc", "test").is_ok() {
+                    proptest::prop_assert_eq!(m.stored.len() as u64, m.chunk_count);
+                    proptest::prop_assert!(m.chunk_count * m.chunk_size >= m.total_bytes);
+                }
+            }
+        }
+    }
+
     #[test]
     fn key_expiry_keeps_a_grace_period() {
         assert_eq!(key_expire_ms(0), 0);
