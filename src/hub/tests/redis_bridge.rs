@@ -395,6 +395,34 @@ async fn tls_bridge() {
     until_bridged(&mut ing_a, &mut ws, "news").await;
     a.stop().await;
     b.stop().await;
+    // The upload state of PHP workers over the same URL (the blocking client).
+    let state = tokio::task::spawn_blocking(move || {
+        use crate::storage::{RedisStateOptions, Store, StoreOptions};
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::new(StoreOptions {
+            root: root.path().to_path_buf(),
+            default_chunk_size: 2,
+            max_upload_size: 0,
+            expire_seconds: 60,
+        })
+        .unwrap()
+        .with_redis_state(RedisStateOptions {
+            settings: crate::redis_url::parse_redis_url(&url).unwrap(),
+            key_prefix: "up:tls:".into(),
+            timeout: Duration::from_secs(2),
+        });
+        let id = store.create(4, None, Default::default(), None).unwrap().id;
+        for (i, part) in [&b"ab"[..], &b"cd"[..]].into_iter().enumerate() {
+            let mut src = part;
+            store
+                .write_chunk(&id, i as u64, &mut src, None, &mut |_| {})
+                .unwrap();
+        }
+        let path = store.complete(&id).unwrap().path.unwrap();
+        std::fs::read(path).unwrap()
+    })
+    .await;
     let _ = child.kill();
     let _ = child.wait();
+    assert_eq!(state.unwrap(), b"abcd");
 }
