@@ -1,3 +1,4 @@
 //! Wire formats: the ingest socket between PHP and the hub, and the Pusher protocol.
 pub mod ingest;
 pub mod pusher;
+pub mod ring;
