@@ -277,11 +277,7 @@ async fn connection(hub: Arc<Hub>, mut s: UnixStream, mut down: watch::Receiver<
                         scratch: Mutex::new(Vec::new()),
                         broken: AtomicBool::new(false),
                     });
-                    {
-                        let mut rings = lock(&hub.rings);
-                        rings.retain(|w| w.strong_count() > 0);
-                        rings.push(Arc::downgrade(&reader));
-                    }
+                    lock(&hub.rings).push(Arc::downgrade(&reader));
                     Metrics::add(&hub.m.ingest_rings, 1);
                     ring = Some((reader, Gauge(&hub.m.ingest_rings)));
                 }
