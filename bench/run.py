@@ -220,7 +220,6 @@ def bench_record(cfg, ext, work):
         runs = [
             ("UploadProgress\\publish() → running hub (array data)", php_with_ext(ext, hub) + [rec, "publish", str(calls)]),
             ("UploadProgress\\publish() → running hub (string data, json_encode in PHP)", php_with_ext(ext, hub) + [rec, "publish_str", str(calls)]),
-            ("UploadProgress\\publish() → running hub, socket only (UPLOAD_PROGRESS_NO_RING=1, array data)", ["env", "UPLOAD_PROGRESS_NO_RING=1"] + php_with_ext(ext, hub) + [rec, "publish", str(calls)]),
             ("UploadProgress\\publish(), no hub (drop path)", php_with_ext(ext, None, "@bench-nohub-%d" % os.getpid()) + [rec, "publish", str(calls)]),
             ("phpredis hSet + publish (local redis-server)", [PHP, "-n", "-d", "extension=igbinary", "-d", "extension=redis", rec, "redis", str(calls), str(redis_port)]),
             ("file_put_contents(JSON, LOCK_EX)", [PHP, "-n", rec, "file", str(calls), fdir]),
