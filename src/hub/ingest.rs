@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use super::http::MAX_EVENT_DATA;
 use super::redis::{dispatch, Op};
 use super::state::data_seq;
-use super::{lock, log, Hub, Metrics};
+use super::{lock, log, now_ms, Hub, Metrics};
 use crate::protocol::ingest::{self, IngestMessage};
 use crate::protocol::pusher;
 use crate::protocol::ring::Ring;
@@ -327,7 +327,7 @@ async fn connection(hub: Arc<Hub>, mut s: UnixStream, mut down: watch::Receiver<
                     return;
                 }
             }
-            r.ring.beat(super::now_us());
+            r.ring.beat(now_ms());
         }
         if socket_bytes > 0 || ring_bytes > 0 {
             idle_polls = 0;

@@ -17,12 +17,8 @@
 //!   `sleeping` set after writing clears it and sends a one-frame doorbell.
 //!   Both sides store, then fence (SeqCst), then load the other's word, so a
 //!   frame is never left behind with the hub asleep.
-//! - While polling, the hub stamps `heartbeat_us` after every look at the ring.
-//!   A producer that finds the stamp older than a fraction of a millisecond
-//!   rings the doorbell too (at most once per such interval): an event never
-//!   waits for the next poll tick, while a burst still costs one system call
-//!   per interval instead of one per event. A doorbell that cannot be sent
-//!   tells that the hub is gone, even one that died awake.
+//! - While polling, the hub stamps `heartbeat_ms`; a producer that sees the
+//!   stamp stale checks the socket (the hub may have died while awake).
 //!
 //! Nothing in the shared header is trusted: indexes out of range disable the
 //! ring (the hub closes that connection; the PHP process falls back to a new
@@ -51,7 +47,7 @@ struct Header {
     _pad1: [u8; 56],
     tail: AtomicU64,
     _pad2: [u8; 56],
-    heartbeat_us: AtomicU64,
+    heartbeat_ms: AtomicU64,
 }
 
 const _: () = assert!(std::mem::size_of::<Header>() <= HEADER_BYTES);
@@ -201,9 +197,9 @@ impl Ring {
         Push::Written { wake }
     }
 
-    /// When the hub last looked at the ring (unix µs), 0 before the first time.
-    pub fn heartbeat_us(&self) -> u64 {
-        self.header().heartbeat_us.load(Ordering::Relaxed)
+    /// The hub's last stamp while it was awake (unix ms), 0 before the first.
+    pub fn heartbeat_ms(&self) -> u64 {
+        self.header().heartbeat_ms.load(Ordering::Relaxed)
     }
 
     /// The hub waits for a doorbell.
@@ -264,9 +260,9 @@ impl Ring {
         Ok(n as usize)
     }
 
-    /// Stamps the heartbeat (unix µs) after a look at the ring.
-    pub fn beat(&self, now_us: u64) {
-        self.header().heartbeat_us.store(now_us, Ordering::Relaxed);
+    /// Stamps the heartbeat (unix ms) while polling.
+    pub fn beat(&self, now_ms: u64) {
+        self.header().heartbeat_ms.store(now_ms, Ordering::Relaxed);
     }
 
     /// Before waiting on the socket: sets `sleeping`, then true when the ring

@@ -18,9 +18,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Environment variable that keeps frames on the socket (benchmarks, debugging).
 pub const NO_RING_ENV: &str = "UPLOAD_PROGRESS_NO_RING";
-/// A hub that has not looked at the ring for this long gets a doorbell: the
-/// most an event waits for a busy hub, and the least time between two bells.
-const BELL_AFTER_US: u64 = 200;
+/// A hub stamp older than this while it claims to be awake: check the socket.
+const HEARTBEAT_STALE_MS: u64 = 100;
 /// Connections whose ring the hub never accepted before this process stops offering one.
 const MAX_RING_REFUSALS: u32 = 3;
 
@@ -42,10 +41,10 @@ fn watch_forks() {
     });
 }
 
-fn unix_us() -> u64 {
+fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
+        .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
 
@@ -73,8 +72,8 @@ pub struct IngestClient {
     ring: Option<Ring>,
     ring_refusals: u32,
     use_ring: bool,
-    /// Unix µs of the last doorbell (or liveness check of a full ring).
-    last_bell_us: u64,
+    /// Unix ms of the last liveness check made because of a stale heartbeat.
+    last_check_ms: u64,
     fork_generation: u32,
 }
 
@@ -206,7 +205,7 @@ impl IngestClient {
             ring: None,
             ring_refusals: 0,
             use_ring: std::env::var_os(NO_RING_ENV).is_none_or(|v| v.is_empty() || v == "0"),
-            last_bell_us: 0,
+            last_check_ms: 0,
             fork_generation: FORK_GENERATION.load(Ordering::Relaxed),
         }
     }
@@ -338,21 +337,18 @@ impl IngestClient {
     /// A frame into the ring; `None` when this connection has no ring.
     fn write_ring(&mut self, frame: &[u8]) -> Option<bool> {
         let ring = self.ring.as_ref()?;
-        match ring.push(frame) {
-            Push::Written { wake } => {
-                let now = unix_us();
-                // Asleep, or not looking for a while: ring (at most once per interval).
-                let bell = wake
-                    || (now.saturating_sub(ring.heartbeat_us()) > BELL_AFTER_US
-                        && now.saturating_sub(self.last_bell_us) > BELL_AFTER_US);
-                if !bell {
-                    return Some(true);
-                }
-                self.last_bell_us = now;
-                let mut frame = Vec::with_capacity(8);
-                ingest::encode(&IngestMessage::Wake, &mut frame);
+        let pushed = ring.push(frame);
+        let awake_but_silent =
+            matches!(pushed, Push::Written { wake: false }) && !ring.hub_sleeping() && {
+                let beat = ring.heartbeat_ms();
+                beat != 0 && unix_ms().saturating_sub(beat) > HEARTBEAT_STALE_MS
+            };
+        match pushed {
+            Push::Written { wake: true } => {
+                let mut bell = Vec::with_capacity(8);
+                ingest::encode(&IngestMessage::Wake, &mut bell);
                 let fd = self.fd.as_ref()?;
-                match send_nowait(fd, &frame) {
+                match send_nowait(fd, &bell) {
                     Ok(_) => Some(true),
                     // Full: the hub has data to read, it wakes anyway.
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => Some(true),
@@ -363,10 +359,19 @@ impl IngestClient {
                     }
                 }
             }
+            Push::Written { wake: false } => {
+                // Awake but silent: busy, or killed while awake.
+                if awake_but_silent && self.checked_alive_recently() {
+                    return Some(true);
+                }
+                if awake_but_silent {
+                    self.check_alive();
+                    return Some(self.fd.is_some());
+                }
+                Some(true)
+            }
             Push::Full => {
-                let now = unix_us();
-                if now.saturating_sub(self.last_bell_us) > BELL_AFTER_US {
-                    self.last_bell_us = now;
+                if !self.checked_alive_recently() {
                     self.check_alive();
                 }
                 // Dropped either way; a dead hub is replaced on the retry.
@@ -378,6 +383,17 @@ impl IngestClient {
                 Some(false)
             }
         }
+    }
+
+    /// Rate limit of liveness checks made from the ring path; true when one was
+    /// made in the last HEARTBEAT_STALE_MS (otherwise records one now).
+    fn checked_alive_recently(&mut self) -> bool {
+        let now = unix_ms();
+        if now.saturating_sub(self.last_check_ms) <= HEARTBEAT_STALE_MS {
+            return true;
+        }
+        self.last_check_ms = now;
+        false
     }
 
     /// Sends one encoded frame on the open connection; false when dropped.
@@ -669,17 +685,14 @@ mod tests {
         assert!(client.publish("a", "e", "1", &mut || {}));
         let (stream, _) = listener.accept().unwrap();
         let (hello, fd) = recv_hello_and_fd(&stream);
-        let first = frames_of(&hello);
-        assert!(matches!(first[0], IngestMessage::Hello { .. }), "{first:?}");
-        // The event itself is in the ring; at most a doorbell follows the Hello.
-        assert!(
-            first[1..].iter().all(|f| *f == IngestMessage::Wake),
-            "{first:?}"
-        );
+        assert!(matches!(
+            frames_of(&hello)[..],
+            [IngestMessage::Hello { .. }]
+        ));
         let ring = Ring::open(fd.expect("a ring passed with the Hello")).unwrap();
+        // Written before the hub accepted the ring: kept there, nothing on the socket.
         assert!(!client.ring_active());
         ring.accept();
-        ring.beat(unix_us());
         assert!(client.ring_active());
         for i in 2..=100 {
             assert!(client.publish("a", "e", &i.to_string(), &mut || {}));
@@ -696,30 +709,15 @@ mod tests {
                 data: "100".into()
             }
         );
-        // Asleep: the next frame rings the bell (a Wake frame on the socket)
-        // and clears the flag, so the frames after it do not ring for that.
-        stream.set_nonblocking(true).unwrap();
-        let mut bell = [0u8; 4096];
-        while (&stream).read(&mut bell).is_ok() {}
-        ring.beat(unix_us());
+        // Asleep: the next frame rings the bell (a Wake frame on the socket), once.
         assert!(ring.try_sleep());
         assert!(client.publish("a", "e", "101", &mut || {}));
-        assert!(!ring.hub_sleeping());
-        let n = (&stream).read(&mut bell).unwrap();
-        assert_eq!(frames_of(&bell[..n]), vec![IngestMessage::Wake]);
-        // Not asleep, but not looking for a while: a bell too.
-        ring.beat(unix_us() - 10 * BELL_AFTER_US);
-        client.last_bell_us = 0;
         assert!(client.publish("a", "e", "102", &mut || {}));
+        let mut bell = [0u8; 64];
+        stream.set_nonblocking(true).unwrap();
         let n = (&stream).read(&mut bell).unwrap();
         assert_eq!(frames_of(&bell[..n]), vec![IngestMessage::Wake]);
-        // Looking right now: no bell.
-        ring.beat(unix_us() + 1_000_000);
-        assert!(client.publish("a", "e", "103", &mut || {}));
-        assert!(
-            (&stream).read(&mut bell).is_err(),
-            "no doorbell for a hub that looks"
-        );
+        assert!((&stream).read(&mut bell).is_err(), "one doorbell per sleep");
     }
 
     #[test]
@@ -734,9 +732,9 @@ mod tests {
         let ring = Ring::open(fd.unwrap()).unwrap();
         ring.accept();
         // Awake, stamped long ago, then gone without a word.
-        ring.beat(unix_us() - 10 * BELL_AFTER_US);
+        ring.beat(unix_ms() - 10 * HEARTBEAT_STALE_MS);
         drop(stream);
-        client.last_bell_us = 0;
+        client.last_check_ms = 0;
         assert!(client.publish("a", "e", "2", &mut || {}));
         // The frame went to a new connection (a new hub would be there).
         let (stream2, _) = listener.accept().unwrap();
