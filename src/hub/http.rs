@@ -598,7 +598,7 @@ pub(crate) fn metrics_text(hub: &Hub) -> String {
     let m = &hub.m;
     let redis = hub.redis.as_ref();
     let rget = |f: fn(&super::redis::Bridge) -> u64| redis.map_or(0, |b| f(b));
-    let rows: [(&str, &str, &str, u64); 16] = [
+    let rows: [(&str, &str, &str, u64); 15] = [
         (
             "connections",
             "gauge",
@@ -652,12 +652,6 @@ pub(crate) fn metrics_text(hub: &Hub) -> String {
             "gauge",
             "Open connections on the ingest socket.",
             Metrics::get(&m.ingest_connections),
-        ),
-        (
-            "ingest_rings",
-            "gauge",
-            "Ingest connections whose frames arrive through a shared-memory ring.",
-            Metrics::get(&m.ingest_rings),
         ),
         (
             "ingest_errors_total",

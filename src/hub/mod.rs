@@ -146,7 +146,6 @@ pub(crate) struct Metrics {
     pub events_dropped: AtomicU64,
     pub evictions: AtomicU64,
     pub ingest_connections: AtomicU64,
-    pub ingest_rings: AtomicU64,
     pub ingest_errors: AtomicU64,
 }
 
@@ -176,8 +175,6 @@ pub(crate) struct Hub {
     seed: u64,
     pub stopping: AtomicBool,
     stop_tx: mpsc::Sender<String>,
-    /// Shared rings of the ingest connections, drained before a query is answered.
-    pub rings: Mutex<Vec<std::sync::Weak<ingest::RingReader>>>,
 }
 
 /// Locks a mutex, ignoring poisoning (no code panics while holding one, and a
@@ -394,7 +391,6 @@ pub(crate) async fn serve(
         seed,
         stopping: AtomicBool::new(false),
         stop_tx,
-        rings: Mutex::new(Vec::new()),
     });
     log(format_args!(
         "version {} started, listening on {} (app id {:?}, max_connections {}, activity_timeout {} s)",

@@ -609,7 +609,6 @@ async fn health_metrics_not_found() {
         "events_dropped_total",
         "slow_consumer_evictions_total",
         "ingest_connections",
-        "ingest_rings",
         "uptime_seconds",
     ] {
         assert!(
@@ -781,105 +780,6 @@ async fn malformed_ingest_frame_closes_that_connection_only() {
     hub.stop().await;
 }
 
-/// A PHP process's real client: frames through its shared ring, in order,
-/// a doorbell after the hub fell asleep, queries answered after what the
-/// process wrote before asking, a garbage ring refused.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ring_ingest_keeps_order_wakes_up_and_answers_queries_after_it() {
-    use crate::recorder::client::IngestClient;
-    let hub = start().await;
-    let (mut ws, sid) = hub.ws().await;
-    subscribe(&mut ws, &sid, "ring").await;
-    let sock = hub.sock.to_string_lossy().into_owned();
-    let mut client = IngestClient::new(sock.clone(), "1.0.0".into());
-    // (A burst bigger than a connection's send queue would evict the client.)
-    for i in 0..100 {
-        assert!(client.publish("ring", "n", &format!("{{\"i\":{i}}}"), &mut || {}));
-    }
-    for i in 0..100 {
-        let m = recv(&mut ws).await;
-        assert_eq!(data_of(&m)["i"], i);
-    }
-    assert!(client.ring_active());
-    assert_eq!(hub.metric("ingest_rings").await, 1);
-    // Idle long enough to sleep on the socket: the next event rings the bell.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let t0 = std::time::Instant::now();
-    assert!(client.publish("ring", "n", "{\"i\":100}", &mut || {}));
-    assert_eq!(data_of(&recv(&mut ws).await)["i"], 100);
-    assert!(
-        t0.elapsed() < Duration::from_millis(500),
-        "{:?}",
-        t0.elapsed()
-    );
-    // A terminal event written to the ring, then a query on another
-    // connection: the answer includes it.
-    client.send(
-        &IngestMessage::Terminal {
-            upload_id: "ringup".into(),
-            event: "complete".into(),
-            fields: "{\"bytes_total\":5}".into(),
-        },
-        &mut || {},
-    );
-    let answer = tokio::task::spawn_blocking(move || {
-        let q = IngestClient::new(sock, "1.0.0".into());
-        q.query(
-            &IngestMessage::QueryProgress {
-                upload_id: "ringup".into(),
-            },
-            T,
-        )
-    })
-    .await
-    .unwrap()
-    .expect("an answer");
-    let answer = String::from_utf8(answer).unwrap();
-    assert!(answer.contains("\"state\":\"complete\""), "{answer}");
-    // A descriptor that is not a ring: that connection is closed, the hub goes on.
-    let bad = std::os::unix::net::UnixStream::connect(&hub.sock).unwrap();
-    let f = tempfile::tempfile().unwrap();
-    let mut hello = Vec::new();
-    ingest::encode(
-        &IngestMessage::Hello {
-            version: "1.0.0".into(),
-            dropped: 0,
-        },
-        &mut hello,
-    );
-    pass_fd(&bad, &hello, std::os::fd::AsRawFd::as_raw_fd(&f));
-    bad.set_read_timeout(Some(T)).unwrap();
-    let mut b = [0u8; 1];
-    assert_eq!(std::io::Read::read(&mut &bad, &mut b).unwrap(), 0);
-    assert!(client.publish("ring", "n", "{\"i\":101}", &mut || {}));
-    assert_eq!(data_of(&recv(&mut ws).await)["i"], 101);
-    drop(client);
-    hub.stop().await;
-}
-
-fn pass_fd(s: &std::os::unix::net::UnixStream, bytes: &[u8], fd: i32) {
-    use std::os::fd::AsRawFd;
-    let mut iov = libc::iovec {
-        iov_base: bytes.as_ptr() as *mut libc::c_void,
-        iov_len: bytes.len(),
-    };
-    let mut control = [0u64; 4];
-    // SAFETY: test-only sendmsg of one descriptor from live buffers.
-    unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = libc::CMSG_SPACE(4) as _;
-        let c = libc::CMSG_FIRSTHDR(&msg);
-        (*c).cmsg_level = libc::SOL_SOCKET;
-        (*c).cmsg_type = libc::SCM_RIGHTS;
-        (*c).cmsg_len = libc::CMSG_LEN(4) as _;
-        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<i32>(), fd);
-        assert!(libc::sendmsg(s.as_raw_fd(), &msg, 0) > 0);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hand_over_closes_with_4200() {
     let hub = start().await;
@@ -973,7 +873,6 @@ async fn session_future_is_small() {
         seed: 0,
         stopping: Default::default(),
         stop_tx: tokio::sync::mpsc::channel(1).0,
-        rings: Default::default(),
     });
     let conn = std::sync::Arc::new(super::state::Conn::new(1, 1));
     let fut = super::ws::session(fake, ws, conn);

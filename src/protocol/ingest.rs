@@ -56,9 +56,6 @@ pub enum IngestMessage {
     QueryProgress { upload_id: String },
     /// Ask for the hub's status; answered with one JSON frame.
     QueryStatus,
-    /// Doorbell: frames wait in this process's shared ring (`protocol::ring`)
-    /// while the hub sleeps.
-    Wake,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,7 +99,6 @@ const STREAM_END: u8 = 4;
 const TERMINAL: u8 = 5;
 const QUERY_PROGRESS: u8 = 6;
 const QUERY_STATUS: u8 = 7;
-const WAKE: u8 = 8;
 
 /// Appends one length-prefixed frame to `out`.
 pub fn encode(msg: &IngestMessage, out: &mut Vec<u8>) {
@@ -159,7 +155,6 @@ pub fn encode(msg: &IngestMessage, out: &mut Vec<u8>) {
             put_str(out, upload_id);
         }
         IngestMessage::QueryStatus => out.push(QUERY_STATUS),
-        IngestMessage::Wake => out.push(WAKE),
     }
     if !matches!(msg, IngestMessage::Publish { .. }) {
         finish(out, start);
@@ -253,7 +248,6 @@ pub fn decode(body: &[u8]) -> Result<IngestMessage, DecodeError> {
             upload_id: r.string()?,
         },
         QUERY_STATUS => IngestMessage::QueryStatus,
-        WAKE => IngestMessage::Wake,
         other => return Err(DecodeError::UnknownKind(other)),
     };
     Ok(msg)
@@ -342,7 +336,6 @@ mod tests {
             upload_id: "x".into(),
         });
         roundtrip(IngestMessage::QueryStatus);
-        roundtrip(IngestMessage::Wake);
     }
 
     #[test]

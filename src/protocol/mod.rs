@@ -1,4 +1,3 @@
 //! Wire formats: the ingest socket between PHP and the hub, and the Pusher protocol.
 pub mod ingest;
 pub mod pusher;
-pub mod ring;

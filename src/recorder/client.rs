@@ -1,52 +1,11 @@
 //! The PHP side of the ingest socket: one Unix stream connection per process,
 //! opened on first use and kept across requests. Sends never block: a full
 //! socket buffer or a missing hub costs a dropped event and a counter.
-//!
-//! Frames go through a shared-memory ring (`protocol::ring`) handed to the hub
-//! with the Hello, so that an event is a memory copy, not a system call; the
-//! socket then only carries the Hello and doorbells, and tells when the hub is
-//! gone. Without a ring (memfd refused, `UPLOAD_PROGRESS_NO_RING=1`, the hub
-//! dropped it) frames go over the socket itself.
 
 use crate::protocol::ingest::{self, IngestMessage};
-use crate::protocol::ring::{Push, Ring};
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Once;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
-/// Environment variable that keeps frames on the socket (benchmarks, debugging).
-pub const NO_RING_ENV: &str = "UPLOAD_PROGRESS_NO_RING";
-/// A hub stamp older than this while it claims to be awake: check the socket.
-const HEARTBEAT_STALE_MS: u64 = 100;
-/// Connections whose ring the hub never accepted before this process stops offering one.
-const MAX_RING_REFUSALS: u32 = 3;
-
-/// Bumped in every child a process forks: a child must not write into its
-/// parent's ring or stream (a PHP script may call pcntl_fork()).
-static FORK_GENERATION: AtomicU32 = AtomicU32::new(0);
-
-extern "C" fn after_fork_in_child() {
-    FORK_GENERATION.fetch_add(1, Ordering::Relaxed);
-}
-
-fn watch_forks() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        // SAFETY: registers a handler that only touches an atomic.
-        unsafe {
-            libc::pthread_atfork(None, None, Some(after_fork_in_child));
-        }
-    });
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::{Duration, Instant};
 
 /// Why a connection attempt failed, as far as spawning a hub is concerned.
 #[derive(Debug, PartialEq, Eq)]
@@ -68,13 +27,6 @@ pub struct IngestClient {
     dropped_total: u64,
     dropped_unreported: u64,
     last_attempt: Option<Instant>,
-    /// The shared ring of the current connection.
-    ring: Option<Ring>,
-    ring_refusals: u32,
-    use_ring: bool,
-    /// Unix ms of the last liveness check made because of a stale heartbeat.
-    last_check_ms: u64,
-    fork_generation: u32,
 }
 
 /// Builds a `sockaddr_un` for a path or an `@abstract` name.
@@ -134,44 +86,6 @@ fn connect(fd: &OwnedFd, name: &str) -> io::Result<()> {
     }
 }
 
-/// Sends `buf` with `pass` attached (SCM_RIGHTS); returns the bytes sent.
-fn send_with_fd(fd: &OwnedFd, buf: &[u8], pass: BorrowedFd<'_>) -> io::Result<usize> {
-    let mut iov = libc::iovec {
-        iov_base: buf.as_ptr() as *mut libc::c_void,
-        iov_len: buf.len(),
-    };
-    // Room for one descriptor, aligned like a cmsghdr.
-    let mut control = [0u64; 4];
-    // SAFETY: msghdr is plain data; the CMSG macros stay within `control`,
-    // which is large enough for CMSG_SPACE(sizeof(int)).
-    unsafe {
-        let space = libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) as usize;
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = space as _;
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as _;
-        std::ptr::write_unaligned(
-            libc::CMSG_DATA(cmsg).cast::<libc::c_int>(),
-            pass.as_raw_fd(),
-        );
-        let n = libc::sendmsg(
-            fd.as_raw_fd(),
-            &msg,
-            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-        );
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
-        }
-    }
-}
-
 /// Sends as much of `buf` as the socket takes without waiting.
 fn send_nowait(fd: &OwnedFd, buf: &[u8]) -> io::Result<usize> {
     // SAFETY: buf is valid for buf.len() bytes.
@@ -192,7 +106,6 @@ fn send_nowait(fd: &OwnedFd, buf: &[u8]) -> io::Result<usize> {
 
 impl IngestClient {
     pub fn new(socket_name: String, version: String) -> Self {
-        watch_forks();
         IngestClient {
             socket_name,
             version,
@@ -202,17 +115,7 @@ impl IngestClient {
             dropped_total: 0,
             dropped_unreported: 0,
             last_attempt: None,
-            ring: None,
-            ring_refusals: 0,
-            use_ring: std::env::var_os(NO_RING_ENV).is_none_or(|v| v.is_empty() || v == "0"),
-            last_check_ms: 0,
-            fork_generation: FORK_GENERATION.load(Ordering::Relaxed),
         }
-    }
-
-    /// Whether frames currently go through a shared ring the hub accepted.
-    pub fn ring_active(&self) -> bool {
-        self.ring.as_ref().is_some_and(Ring::accepted)
     }
 
     pub fn socket_name(&self) -> &str {
@@ -254,11 +157,6 @@ impl IngestClient {
 
     fn disconnect(&mut self) {
         self.fd = None;
-        if let Some(ring) = self.ring.take() {
-            if !ring.accepted() {
-                self.ring_refusals += 1;
-            }
-        }
         if !self.pending.is_empty() {
             self.pending.clear();
             self.count_drop();
@@ -294,6 +192,7 @@ impl IngestClient {
                 ConnectError::Other(code)
             });
         }
+        self.fd = Some(fd);
         self.pending.clear();
         let mut hello = Vec::with_capacity(32);
         ingest::encode(
@@ -303,114 +202,14 @@ impl IngestClient {
             },
             &mut hello,
         );
-        // The ring rides on the Hello: the hub maps it before any frame in it.
-        let ring = if self.use_ring && self.ring_refusals < MAX_RING_REFUSALS {
-            Ring::create().ok()
-        } else {
-            None
-        };
-        if let Some(ring) = ring {
-            match send_with_fd(&fd, &hello, ring.fd()) {
-                Ok(n) if n == hello.len() => {
-                    self.fd = Some(fd);
-                    self.ring = Some(ring);
-                    self.dropped_unreported = 0;
-                    return Ok(());
-                }
-                Ok(n) => {
-                    // A fresh socket takes a Hello whole; anything else is a broken peer.
-                    self.fd = Some(fd);
-                    self.pending.extend_from_slice(&hello[n..]);
-                    self.ring = Some(ring);
-                    return Ok(());
-                }
-                Err(_) => self.ring_refusals += 1,
-            }
-        }
-        self.fd = Some(fd);
         if self.write_frame(&hello) {
             self.dropped_unreported = 0;
         }
         Ok(())
     }
 
-    /// A frame into the ring; `None` when this connection has no ring.
-    fn write_ring(&mut self, frame: &[u8]) -> Option<bool> {
-        let ring = self.ring.as_ref()?;
-        let pushed = ring.push(frame);
-        let awake_but_silent =
-            matches!(pushed, Push::Written { wake: false }) && !ring.hub_sleeping() && {
-                let beat = ring.heartbeat_ms();
-                beat != 0 && unix_ms().saturating_sub(beat) > HEARTBEAT_STALE_MS
-            };
-        match pushed {
-            Push::Written { wake: true } => {
-                let mut bell = Vec::with_capacity(8);
-                ingest::encode(&IngestMessage::Wake, &mut bell);
-                let fd = self.fd.as_ref()?;
-                match send_nowait(fd, &bell) {
-                    Ok(_) => Some(true),
-                    // Full: the hub has data to read, it wakes anyway.
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => Some(true),
-                    Err(_) => {
-                        // The hub is gone with the frame: send it again elsewhere.
-                        self.disconnect();
-                        Some(false)
-                    }
-                }
-            }
-            Push::Written { wake: false } => {
-                // Awake but silent: busy, or killed while awake.
-                if awake_but_silent && self.checked_alive_recently() {
-                    return Some(true);
-                }
-                if awake_but_silent {
-                    self.check_alive();
-                    return Some(self.fd.is_some());
-                }
-                Some(true)
-            }
-            Push::Full => {
-                if !self.checked_alive_recently() {
-                    self.check_alive();
-                }
-                // Dropped either way; a dead hub is replaced on the retry.
-                Some(false)
-            }
-            Push::Broken => {
-                self.ring_refusals = MAX_RING_REFUSALS;
-                self.disconnect();
-                Some(false)
-            }
-        }
-    }
-
-    /// Rate limit of liveness checks made from the ring path; true when one was
-    /// made in the last HEARTBEAT_STALE_MS (otherwise records one now).
-    fn checked_alive_recently(&mut self) -> bool {
-        let now = unix_ms();
-        if now.saturating_sub(self.last_check_ms) <= HEARTBEAT_STALE_MS {
-            return true;
-        }
-        self.last_check_ms = now;
-        false
-    }
-
     /// Sends one encoded frame on the open connection; false when dropped.
     fn write_frame(&mut self, frame: &[u8]) -> bool {
-        let generation = FORK_GENERATION.load(Ordering::Relaxed);
-        if generation != self.fork_generation {
-            // A forked child: the descriptors are copies of the parent's, the
-            // ring is the parent's memory. Start over with its own.
-            self.fork_generation = generation;
-            self.fd = None;
-            self.ring = None;
-            self.pending.clear();
-            return false;
-        }
-        if let Some(ok) = self.write_ring(frame) {
-            return ok;
-        }
         let Some(fd) = &self.fd else { return false };
         if !self.pending.is_empty() {
             match send_nowait(fd, &self.pending) {
@@ -576,7 +375,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("hub.sock").to_string_lossy().into_owned();
         let mut client = IngestClient::new(path.clone(), "1.2.3".into());
-        client.use_ring = false;
         let mut spawned = 0;
         assert!(!client.publish("c", "e", "{}", &mut || spawned += 1));
         assert_eq!(spawned, 1);
@@ -622,7 +420,6 @@ mod tests {
             assert_eq!(libc::listen(lfd.as_raw_fd(), 8), 0);
         }
         let mut client = IngestClient::new(name, "v".into());
-        client.use_ring = false;
         let data = "x".repeat(1000);
         let start = Instant::now();
         let mut sent = 0;
@@ -635,138 +432,5 @@ mod tests {
         assert!(sent > 50, "the socket buffer holds many events, got {sent}");
         assert!(client.dropped() > 0, "nobody reads, so some must drop");
         assert_eq!(sent + client.dropped(), 10_000);
-    }
-
-    /// The fake hub's side: the Hello frame and the descriptor passed with it.
-    fn recv_hello_and_fd(stream: &std::os::unix::net::UnixStream) -> (Vec<u8>, Option<OwnedFd>) {
-        let mut data = vec![0u8; 4096];
-        let mut control = [0u64; 8];
-        let mut iov = libc::iovec {
-            iov_base: data.as_mut_ptr().cast(),
-            iov_len: data.len(),
-        };
-        // SAFETY: test-only recvmsg into live buffers.
-        unsafe {
-            let mut msg: libc::msghdr = std::mem::zeroed();
-            msg.msg_iov = &mut iov;
-            msg.msg_iovlen = 1;
-            msg.msg_control = control.as_mut_ptr().cast();
-            msg.msg_controllen = std::mem::size_of_val(&control) as _;
-            let n = libc::recvmsg(stream.as_raw_fd(), &mut msg, 0);
-            assert!(n > 0);
-            data.truncate(n as usize);
-            let cmsg = libc::CMSG_FIRSTHDR(&msg);
-            let fd = (!cmsg.is_null() && (*cmsg).cmsg_type == libc::SCM_RIGHTS).then(|| {
-                OwnedFd::from_raw_fd(std::ptr::read_unaligned(
-                    libc::CMSG_DATA(cmsg).cast::<libc::c_int>(),
-                ))
-            });
-            (data, fd)
-        }
-    }
-
-    fn frames_of(buf: &[u8]) -> Vec<IngestMessage> {
-        let mut out = Vec::new();
-        let mut off = 0;
-        while let Some((len, total)) = ingest::frame_len(&buf[off..]).unwrap() {
-            out.push(ingest::decode(&buf[off + 4..off + 4 + len]).unwrap());
-            off += total;
-        }
-        assert_eq!(off, buf.len(), "only whole frames");
-        out
-    }
-
-    #[test]
-    fn frames_go_through_the_ring_with_a_doorbell_when_the_hub_sleeps() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("hub.sock").to_string_lossy().into_owned();
-        let listener = UnixListener::bind(&path).unwrap();
-        let mut client = IngestClient::new(path, "1.2.3".into());
-        assert!(client.publish("a", "e", "1", &mut || {}));
-        let (stream, _) = listener.accept().unwrap();
-        let (hello, fd) = recv_hello_and_fd(&stream);
-        assert!(matches!(
-            frames_of(&hello)[..],
-            [IngestMessage::Hello { .. }]
-        ));
-        let ring = Ring::open(fd.expect("a ring passed with the Hello")).unwrap();
-        // Written before the hub accepted the ring: kept there, nothing on the socket.
-        assert!(!client.ring_active());
-        ring.accept();
-        assert!(client.ring_active());
-        for i in 2..=100 {
-            assert!(client.publish("a", "e", &i.to_string(), &mut || {}));
-        }
-        let mut got = Vec::new();
-        ring.take(ring.tail(), &mut got).unwrap();
-        let frames = frames_of(&got);
-        assert_eq!(frames.len(), 100);
-        assert_eq!(
-            frames[99],
-            IngestMessage::Publish {
-                channel: "a".into(),
-                event: "e".into(),
-                data: "100".into()
-            }
-        );
-        // Asleep: the next frame rings the bell (a Wake frame on the socket), once.
-        assert!(ring.try_sleep());
-        assert!(client.publish("a", "e", "101", &mut || {}));
-        assert!(client.publish("a", "e", "102", &mut || {}));
-        let mut bell = [0u8; 64];
-        stream.set_nonblocking(true).unwrap();
-        let n = (&stream).read(&mut bell).unwrap();
-        assert_eq!(frames_of(&bell[..n]), vec![IngestMessage::Wake]);
-        assert!((&stream).read(&mut bell).is_err(), "one doorbell per sleep");
-    }
-
-    #[test]
-    fn a_hub_that_died_awake_is_noticed_and_replaced() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("hub.sock").to_string_lossy().into_owned();
-        let listener = UnixListener::bind(&path).unwrap();
-        let mut client = IngestClient::new(path, "1.2.3".into());
-        assert!(client.publish("a", "e", "1", &mut || {}));
-        let (stream, _) = listener.accept().unwrap();
-        let (_, fd) = recv_hello_and_fd(&stream);
-        let ring = Ring::open(fd.unwrap()).unwrap();
-        ring.accept();
-        // Awake, stamped long ago, then gone without a word.
-        ring.beat(unix_ms() - 10 * HEARTBEAT_STALE_MS);
-        drop(stream);
-        client.last_check_ms = 0;
-        assert!(client.publish("a", "e", "2", &mut || {}));
-        // The frame went to a new connection (a new hub would be there).
-        let (stream2, _) = listener.accept().unwrap();
-        let (hello, fd2) = recv_hello_and_fd(&stream2);
-        assert!(matches!(
-            frames_of(&hello)[..],
-            [IngestMessage::Hello { .. }]
-        ));
-        let ring2 = Ring::open(fd2.unwrap()).unwrap();
-        let mut got = Vec::new();
-        ring2.take(ring2.tail(), &mut got).unwrap();
-        assert_eq!(
-            frames_of(&got),
-            vec![IngestMessage::Publish {
-                channel: "a".into(),
-                event: "e".into(),
-                data: "2".into()
-            }]
-        );
-    }
-
-    #[test]
-    fn no_ring_when_disabled() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("hub.sock").to_string_lossy().into_owned();
-        let listener = UnixListener::bind(&path).unwrap();
-        let mut client = IngestClient::new(path, "1.2.3".into());
-        client.use_ring = false;
-        assert!(client.publish("a", "e", "1", &mut || {}));
-        let (stream, _) = listener.accept().unwrap();
-        let (bytes, fd) = recv_hello_and_fd(&stream);
-        assert!(fd.is_none());
-        assert!(!frames_of(&bytes).is_empty());
     }
 }
