@@ -34,13 +34,17 @@ fn config(share: u32) -> ProptestConfig {
 
 /// A scratch directory, on tmpfs when there is one: every case creates an upload, and
 /// create() fsyncs.
+/// Mode 0700: the store refuses a root open to group/other.
 fn scratch() -> tempfile::TempDir {
-    match Path::new("/dev/shm") {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = match Path::new("/dev/shm") {
         shm if shm.is_dir() => {
             tempfile::tempdir_in(shm).unwrap_or_else(|_| tempfile::tempdir().unwrap())
         }
         _ => tempfile::tempdir().unwrap(),
-    }
+    };
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    dir
 }
 
 fn store(root: &Path) -> Store {

@@ -98,6 +98,11 @@ pub fn invalid_argument(message: impl Into<String>) -> PhpException {
     PhpException::new(message.into(), 0, invalid_argument_exception())
 }
 
+/// `getCode()` of an `InvalidChunkException` for a chunk refused because of the upload's
+/// state rather than its bytes: the upload is complete or aborted, or another request is
+/// writing the same chunk. An HTTP front answers 409 Conflict for it.
+pub const CHUNK_CONFLICT_CODE: i32 = 409;
+
 pub fn storage_error(err: StorageError) -> PhpException {
     let message = err.to_string();
     match err {
@@ -106,6 +111,11 @@ pub fn storage_error(err: StorageError) -> PhpException {
         }
         StorageError::InvalidArgument(_) | StorageError::TooLarge { .. } => value_error(message),
         StorageError::InvalidChunk(_) => PhpException::from_class::<InvalidChunkException>(message),
+        StorageError::Conflict(_) => PhpException::new(
+            message,
+            CHUNK_CONFLICT_CODE,
+            InvalidChunkException::get_metadata().ce(),
+        ),
         StorageError::ChecksumMismatch { .. } => {
             PhpException::from_class::<ChecksumMismatchException>(message)
         }

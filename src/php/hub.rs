@@ -29,6 +29,9 @@ impl Hub {
             libc::signal(libc::SIGTERM, libc::SIG_DFL);
             libc::signal(libc::SIGINT, libc::SIG_DFL);
         }
+        // The root holds the secret, pid and log: refuse one another user could touch.
+        crate::storage::root::Root::open(&cfg.storage_dir)
+            .map_err(|e| PhpException::from_class::<Exception>(format!("Hub::run(): {e}")))?;
         if cfg.app_secret.is_empty() {
             // An empty HMAC key would let anyone sign private subscriptions.
             return Err(PhpException::from_class::<Exception>(format!(

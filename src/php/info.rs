@@ -30,6 +30,13 @@ pub unsafe extern "C" fn module_info(module: *mut ModuleEntry) {
             })
             .unwrap_or_else(|| "not running".to_owned());
         info_table_row!("hub", hub.as_str());
+        let dir = &crate::php::ini::config().storage_dir;
+        let storage = match crate::storage::root::check(dir) {
+            Ok(true) => format!("ok ({})", dir.display()),
+            Ok(false) => format!("{} (created on first use)", dir.display()),
+            Err(e) => format!("refused: {e}"),
+        };
+        info_table_row!("storage root", storage.as_str());
         info_table_end!();
     });
     if let Some(syms) = sapi::get() {

@@ -126,7 +126,10 @@ pub fn build_config(values: &[(String, String)]) -> Config {
     let storage_dir = match get("upload_progress.storage_dir").trim() {
         "" => {
             let tmp = crate::php::sapi::get().map_or_else(|| "/tmp".to_owned(), |s| s.temp_dir());
-            PathBuf::from(tmp).join("upload-progress")
+            // Per user: the shared tmp dir must not hold one root that any user could
+            // create first (see storage::root).
+            // SAFETY: geteuid never fails.
+            PathBuf::from(tmp).join(format!("upload-progress-{}", unsafe { libc::geteuid() }))
         }
         dir => PathBuf::from(dir),
     };

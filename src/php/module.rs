@@ -28,6 +28,8 @@ pub extern "C" fn request_startup(_ty: i32, _module_number: i32) -> i32 {
         // Class entries are registered after our MINIT callback returns, so the
         // first request (once per process, before any script) finishes them.
         CLASSES_FIXED.call_once(crate::php::errors::use_parent_constructors);
+        // A chunk write a bailout jumped over must not keep its lock into this request.
+        crate::storage::release_abandoned();
         recorder::request_startup();
     });
     0

@@ -137,7 +137,8 @@ fn maybe_spawn(last_spawn: &mut Option<Instant>) {
     }
     *last_spawn = Some(now);
     let Some(spec) = spawn_spec(cfg) else { return };
-    let _ = std::fs::create_dir_all(&cfg.storage_dir);
+    // Mode 0700 when missing (create_dir_all would make it 0755, then refused as unsafe).
+    let _ = crate::storage::root::Root::open(&cfg.storage_dir);
     if let Err(e) = spawn::spawn(&spec) {
         log_warning(&format!(
             "upload_progress: could not start the hub with {}: {e}",

@@ -16,8 +16,11 @@ use ext_php_rs::boxed::ZBox;
 use ext_php_rs::flags::ClassFlags;
 use ext_php_rs::prelude::*;
 use ext_php_rs::types::{ZendCallable, ZendHashTable, Zval};
+use ext_php_rs::zend::BailoutGuard;
 use once_cell::sync::OnceCell;
+use std::cell::Cell;
 use std::collections::BTreeMap;
+use std::ffi::{c_char, c_int, CString};
 use std::io::Read;
 use std::time::{Duration, Instant};
 
@@ -123,6 +126,72 @@ impl Drop for PhpInput {
     }
 }
 
+/// `php_check_open_basedir()`: 0 when `path` may be opened under `open_basedir` (or none is
+/// set); otherwise -1 after PHP's own warning ("open_basedir restriction in effect...").
+/// Looked up at run time like the other engine symbols (stubs load the library outside PHP).
+type CheckOpenBasedirFn = unsafe extern "C" fn(path: *const c_char) -> c_int;
+
+fn check_open_basedir_fn() -> Option<CheckOpenBasedirFn> {
+    static F: OnceCell<Option<CheckOpenBasedirFn>> = OnceCell::new();
+    *F.get_or_init(|| {
+        // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name.
+        let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"php_check_open_basedir".as_ptr()) };
+        // SAFETY: the PHP 8 signature `int php_check_open_basedir(const char *path)`.
+        (!p.is_null())
+            .then(|| unsafe { std::mem::transmute::<*mut libc::c_void, CheckOpenBasedirFn>(p) })
+    })
+}
+
+/// Opens a `$sourceFile` the way `file_get_contents()` would be allowed to: `open_basedir`
+/// is checked first, on the PHP thread, so a forbidden file is never opened, and the error
+/// says no more than PHP's own warning (nothing about its existence or size).
+fn open_source_file(path: &str) -> Result<(std::fs::File, Option<u64>), StorageError> {
+    let refused =
+        |why: &str| StorageError::Io(format!("cannot open source file \"{path}\": {why}"));
+    let c = CString::new(path).map_err(|_| refused("the path contains a NUL byte"))?;
+    let Some(check) = check_open_basedir_fn() else {
+        // Not inside PHP: nothing to enforce (unit tests, stub generation).
+        return open_plain(path);
+    };
+    // SAFETY: a NUL-terminated path; runs on the PHP thread during a request.
+    if unsafe { check(c.as_ptr()) } != 0 {
+        return Err(refused("open_basedir restriction in effect"));
+    }
+    open_plain(path)
+}
+
+fn open_plain(path: &str) -> Result<(std::fs::File, Option<u64>), StorageError> {
+    let file = std::fs::File::open(path)
+        .map_err(|e| StorageError::Io(format!("cannot open source file \"{path}\": {e}")))?;
+    let len = file
+        .metadata()
+        .ok()
+        .filter(std::fs::Metadata::is_file)
+        .map(|m| m.len());
+    Ok((file, len))
+}
+
+/// Cleanup of a chunk write that a PHP bailout (fatal error, timeout) jumped over: the
+/// method's `try_catch` drops this guard, which releases the chunk lock and the reserved
+/// range (`storage::release_abandoned`) and ends the progress stream as failed, before the
+/// bailout goes on. Disarmed when the write returns normally.
+struct AbandonedChunk {
+    armed: bool,
+    end: Option<IngestMessage>,
+}
+
+impl Drop for AbandonedChunk {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        crate::storage::release_abandoned();
+        if let Some(m) = self.end.take() {
+            recorder::send(&m);
+        }
+    }
+}
+
 /// A chunked, resumable upload stored by the extension.
 #[php_class]
 #[php(name = "UploadProgress\\Upload")]
@@ -132,6 +201,8 @@ pub struct Upload {
     total_bytes: u64,
     chunk_size: u64,
     chunk_count: u64,
+    /// abort() succeeded on this object: later chunks are a conflict, not "unknown".
+    aborted: Cell<bool>,
 }
 
 impl Upload {
@@ -141,6 +212,7 @@ impl Upload {
             total_bytes: s.total_bytes,
             chunk_size: s.chunk_size,
             chunk_count: s.chunk_count,
+            aborted: Cell::new(false),
         }
     }
 
@@ -281,12 +353,17 @@ impl Upload {
         sourceFile: Option<String>,
         checksum: Option<String>,
     ) -> PhpResult<ZBox<ZendHashTable>> {
-        let source_file = sourceFile;
         let store = store()?;
         if index < 0 || index as u64 >= self.chunk_count {
             return Err(storage_error(StorageError::InvalidChunk(format!(
                 "chunk index {index} is out of range 0..{} for upload {}",
                 self.chunk_count, self.id
+            ))));
+        }
+        if self.aborted.get() {
+            return Err(storage_error(StorageError::Conflict(format!(
+                "upload {} was aborted: chunk {index} was not accepted",
+                self.id
             ))));
         }
         let before = store.status(&self.id).map_err(storage_error)?;
@@ -298,31 +375,40 @@ impl Upload {
                 recorder::send(&self.report(stream, &before, inflight));
             }
         };
-        let result = match source_file {
-            Some(path) => {
-                let mut file = std::fs::File::open(&path).map_err(|e| {
-                    storage_error(StorageError::Io(format!(
-                        "cannot open source file \"{path}\": {e}"
-                    )))
-                })?;
-                store.write_chunk(
-                    &self.id,
-                    index as u64,
-                    &mut file,
-                    checksum.as_deref(),
-                    &mut on_progress,
-                )
-            }
+        // Opened (and checked against open_basedir) before anything else happens.
+        let source = sourceFile
+            .as_deref()
+            .map(open_source_file)
+            .transpose()
+            .map_err(storage_error)?;
+        let mut guard = BailoutGuard::new(AbandonedChunk {
+            armed: true,
+            end: Some(self.stream_end(stream, StreamOutcome::Failed, &before)),
+        });
+        let result = match source {
+            Some((mut file, len)) => store.write_chunk_sized(
+                &self.id,
+                index as u64,
+                &mut file,
+                len,
+                checksum.as_deref(),
+                &mut on_progress,
+            ),
             None => {
                 let syms = sapi::get()
                     .ok_or_else(|| value_error("no SAPI to read the request body from"))?;
+                // Content-Length; -1 (unknown, chunked encoding) reserves nothing.
+                let announced = syms
+                    .request()
+                    .and_then(|r| u64::try_from(r.content_length).ok());
                 recorder::while_streaming_chunk(|| {
                     if syms.body_already_read() {
                         match PhpInput::open() {
-                            Some(mut input) => store.write_chunk(
+                            Some(mut input) => store.write_chunk_sized(
                                 &self.id,
                                 index as u64,
                                 &mut input,
+                                announced,
                                 checksum.as_deref(),
                                 &mut on_progress,
                             ),
@@ -331,10 +417,11 @@ impl Upload {
                             )),
                         }
                     } else {
-                        store.write_chunk(
+                        store.write_chunk_sized(
                             &self.id,
                             index as u64,
                             &mut SapiBody(syms),
+                            announced,
                             checksum.as_deref(),
                             &mut on_progress,
                         )
@@ -342,6 +429,8 @@ impl Upload {
                 })
             }
         };
+        guard.armed = false;
+        drop(guard);
         match result {
             Ok(outcome) => {
                 recorder::send(&self.stream_end(stream, StreamOutcome::Stored, &outcome.status));
@@ -387,6 +476,7 @@ impl Upload {
     /// Removes the upload and tells its subscribers.
     pub fn abort(&self) -> PhpResult<()> {
         store()?.abort(&self.id).map_err(storage_error)?;
+        self.aborted.set(true);
         recorder::send(&IngestMessage::Terminal {
             upload_id: self.id.clone(),
             event: "aborted".into(),

@@ -4,12 +4,10 @@
 //! written under the manifest lock with write-temp + fdatasync + rename.
 
 use super::error::{io_error, StorageError};
+use super::root::{Dir, OpenHow};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::fs::{self, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::io::{self, Read, Write};
 
 pub(crate) const MANIFEST: &str = "manifest.json";
 const MANIFEST_TMP: &str = "manifest.json.tmp";
@@ -144,8 +142,8 @@ impl Manifest {
             (UploadState::Uploading, None) => true,
             (UploadState::Uploading, Some(_)) | (UploadState::Complete, None) => false,
             (UploadState::Complete, Some(p)) | (UploadState::Aborted, Some(p)) => {
-                let p = Path::new(p);
-                p.is_absolute() && p.ends_with(Path::new(id).join(super::DATA))
+                let p = std::path::Path::new(p);
+                p.is_absolute() && p.ends_with(std::path::Path::new(id).join(super::DATA))
             }
             (UploadState::Aborted, None) => true,
         };
@@ -194,9 +192,15 @@ impl Manifest {
 
 /// Reads the manifest of upload `id` in `dir`; `Ok(None)` when there is none (never created,
 /// removed, or the directory itself is gone).
-pub(crate) fn load(dir: &Path, id: &str) -> Result<Option<Manifest>, StorageError> {
-    let path = dir.join(MANIFEST);
-    let bytes = match fs::read(&path) {
+pub(crate) fn load(dir: &Dir, id: &str) -> Result<Option<Manifest>, StorageError> {
+    let path = dir.path().join(MANIFEST);
+    let read = || -> io::Result<Vec<u8>> {
+        let mut bytes = Vec::new();
+        dir.open_file(MANIFEST, OpenHow::Read)?
+            .read_to_end(&mut bytes)?;
+        Ok(bytes)
+    };
+    let bytes = match read() {
         Ok(b) => b,
         Err(e) if is_gone(&e) => return Ok(None),
         Err(e) => return Err(io_error("reading", &path, &e)),
@@ -211,23 +215,25 @@ pub(crate) fn load(dir: &Path, id: &str) -> Result<Option<Manifest>, StorageErro
 /// `manifest.json`. The caller holds the manifest lock (so the fixed temp name is safe).
 /// The directory is not fsynced here: losing the rename in a crash only loses the latest
 /// mark (the chunk is then resent), never marks data that is not durable.
-pub(crate) fn store(dir: &Path, m: &Manifest) -> Result<(), StorageError> {
-    let tmp = dir.join(MANIFEST_TMP);
+pub(crate) fn store(dir: &Dir, m: &Manifest) -> Result<(), StorageError> {
+    let tmp = dir.path().join(MANIFEST_TMP);
     let bytes = serde_json::to_vec(m)
         .map_err(|e| StorageError::Io(format!("encoding manifest {}: {e}", tmp.display())))?;
     let write = || -> io::Result<()> {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
+        // A leftover of a crashed writer is ours to replace (we hold the manifest lock);
+        // O_EXCL then, so a planted name is never written through.
+        match dir.remove_file(MANIFEST_TMP) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let mut f = dir.open_file(MANIFEST_TMP, OpenHow::CreateNew)?;
         f.write_all(&bytes)?;
         f.sync_data()
     };
     write().map_err(|e| io_error("writing", &tmp, &e))?;
-    let path = dir.join(MANIFEST);
-    fs::rename(&tmp, &path).map_err(|e| io_error("renaming into place", &path, &e))
+    let path = dir.path().join(MANIFEST);
+    dir.rename(MANIFEST_TMP, MANIFEST)
+        .map_err(|e| io_error("renaming into place", &path, &e))
 }
 
 fn is_lower_hex64(s: &str) -> bool {

@@ -80,8 +80,10 @@
 
 mod error;
 mod id;
+mod inflight;
 mod manifest;
 mod redis_state;
+pub mod root;
 mod sys;
 #[cfg(test)]
 mod tests;
@@ -90,17 +92,20 @@ mod tests_redis;
 
 pub use error::{StorageError, WHOLE_FILE};
 pub use id::{new_id, valid_id, ID_LEN};
+pub use inflight::release_abandoned;
 pub use manifest::UploadState;
 pub use redis_state::{RedisStateOptions, KEY_GRACE_S};
 
 use error::{io_error, shorten};
+use inflight::InFlight;
 use manifest::Manifest;
 use redis_state::{AbortOutcome, Completed, RedisState};
+use root::{Dir, OpenHow, Root};
 use serde::Serialize;
 use std::collections::BTreeMap;
-use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Read};
-use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use sys::ByteLock;
@@ -123,6 +128,12 @@ pub const BLOCK_SIZE: usize = 1 << 20;
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 /// Environment variable of the disk-full fault hook (see the module documentation).
 pub const FAULT_ENOSPC_ENV: &str = "UPLOAD_PROGRESS_FAULT_ENOSPC_AFTER";
+/// Longest wait for the lock of a chunk another request is writing; then `Conflict`.
+pub const CHUNK_LOCK_WAIT: Duration = Duration::from_secs(10);
+/// Longest wait for the manifest lock (held while a completion hashes the file).
+pub const MANIFEST_LOCK_WAIT: Duration = Duration::from_secs(60);
+/// Environment variable (milliseconds) overriding both lock waits (tests).
+pub const LOCK_WAIT_ENV: &str = "UPLOAD_PROGRESS_LOCK_WAIT_MS";
 
 const LOCK: &str = "lock";
 const DATA_PART: &str = "data.part";
@@ -155,6 +166,8 @@ pub struct Store {
     max_upload_size: u64,
     expire_seconds: u64,
     fault_enospc_after: Option<u64>,
+    chunk_lock_wait: Duration,
+    manifest_lock_wait: Duration,
     /// Where the state of uploads lives when several hosts share the directory;
     /// `None`: in `manifest.json` next to the data.
     redis: Option<RedisState>,
@@ -224,18 +237,22 @@ impl Store {
                 "the storage directory is an empty path".to_string(),
             ));
         }
-        let root =
-            std::path::absolute(&opts.root).map_err(|e| io_error("resolving", &opts.root, &e))?;
-        create_root(&root)?;
+        let root = Root::open(&opts.root)?.path().to_path_buf();
         let fault_enospc_after = std::env::var(FAULT_ENOSPC_ENV)
             .ok()
             .and_then(|v| v.trim().parse::<u64>().ok());
+        let lock_wait = std::env::var(LOCK_WAIT_ENV)
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_millis);
         Ok(Store {
             root,
             default_chunk_size: opts.default_chunk_size,
             max_upload_size: opts.max_upload_size,
             expire_seconds: opts.expire_seconds,
             fault_enospc_after,
+            chunk_lock_wait: lock_wait.unwrap_or(CHUNK_LOCK_WAIT),
+            manifest_lock_wait: lock_wait.unwrap_or(MANIFEST_LOCK_WAIT),
             redis: None,
             #[cfg(test)]
             clock_offset: std::sync::atomic::AtomicU64::new(0),
@@ -252,6 +269,13 @@ impl Store {
     /// The absolute storage directory.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Sets how long a writer waits for the lock of a chunk another request is writing
+    /// (then `Conflict`) and for the manifest lock.
+    pub fn set_lock_waits(&mut self, chunk: Duration, manifest: Duration) {
+        self.chunk_lock_wait = chunk;
+        self.manifest_lock_wait = manifest;
     }
 
     /// Sets (or clears) the disk-full fault hook of this store; see the module documentation.
@@ -294,13 +318,17 @@ impl Store {
         let sha256 = sha256.map(|s| parse_hex_sha256(&s, "sha256")).transpose()?;
         check_metadata(&metadata)?;
 
-        let (id, dir) = self.make_upload_dir()?;
+        let mut root = self.open_root()?;
+        let (id, dir) = self.make_upload_dir(&mut root)?;
         let now = self.now();
         let result = (|| {
-            let lock = dir.join(LOCK);
-            new_file(&lock).map_err(|e| io_error("creating", &lock, &e))?;
-            let data = dir.join(DATA_PART);
-            let f = new_file(&data).map_err(|e| io_error("creating", &data, &e))?;
+            let lock = dir.path().join(LOCK);
+            dir.open_file(LOCK, OpenHow::CreateNew)
+                .map_err(|e| io_error("creating", &lock, &e))?;
+            let data = dir.path().join(DATA_PART);
+            let f = dir
+                .open_file(DATA_PART, OpenHow::CreateNew)
+                .map_err(|e| io_error("creating", &data, &e))?;
             f.set_len(total_bytes).map_err(|e| {
                 io_error(
                     &format!("setting the size to {total_bytes} bytes of"),
@@ -321,8 +349,10 @@ impl Store {
             if self.redis.is_none() {
                 manifest::store(&dir, &m)?;
             }
-            sys::sync_dir(&dir).map_err(|e| io_error("syncing", &dir, &e))?;
-            sys::sync_dir(&self.root).map_err(|e| io_error("syncing", &self.root, &e))?;
+            dir.sync()
+                .map_err(|e| io_error("syncing", dir.path(), &e))?;
+            root.sync()
+                .map_err(|e| io_error("syncing", root.path(), &e))?;
             // Last: the upload exists for other hosts only once its files do.
             if let Some(r) = &self.redis {
                 r.create(&m)?;
@@ -330,7 +360,7 @@ impl Store {
             Ok(self.status_of(&m))
         })();
         if result.is_err() {
-            let _ = fs::remove_dir_all(&dir);
+            let _ = fs::remove_dir_all(dir.path());
         }
         result
     }
@@ -342,19 +372,17 @@ impl Store {
 
     /// The status of an upload (no lock taken, the manifest is replaced atomically).
     pub fn status(&self, id: &str) -> Result<UploadStatus, StorageError> {
-        let dir = self.upload_dir(id)?;
-        let m = self.load_live(id, &dir)?;
+        check_id(id)?;
+        let root = self.open_root()?;
+        let m = self.load_live(&root, id)?;
         Ok(self.status_of(&m))
     }
 
     /// Stores chunk `index` from `source`, which must yield exactly the chunk's length
     /// (`chunk_size`, or what is left for the last chunk). `checksum` is `sha256:<64 hex>`.
     /// `on_progress(n)` is called after every read from the source with `n`, the bytes of this
-    /// chunk received so far (at most the chunk's length).
-    ///
-    /// A chunk already stored returns at once with `already_stored = true` without reading
-    /// `source`; so does a writer that waited for a concurrent writer of the same chunk.
-    /// Any error leaves the chunk missing: it can be resent.
+    /// chunk received so far (at most the chunk's length). Same as
+    /// [`Store::write_chunk_sized`] with an unknown source length (nothing is reserved).
     pub fn write_chunk(
         &self,
         id: &str,
@@ -363,9 +391,32 @@ impl Store {
         checksum: Option<&str>,
         on_progress: &mut dyn FnMut(u64),
     ) -> Result<ChunkOutcome, StorageError> {
-        let dir = self.upload_dir(id)?;
+        self.write_chunk_sized(id, index, source, None, checksum, on_progress)
+    }
+
+    /// [`Store::write_chunk`] with the length the source announces (a request's
+    /// Content-Length, a file's size). Only when it is exactly the chunk's length is the
+    /// chunk's range reserved (`fallocate`) before the body is read, so a client announcing
+    /// (or sending) less never makes the server reserve more than it received; and a chunk
+    /// that fails gives its range back (hole punched), whatever it had reserved or written.
+    ///
+    /// A chunk already stored returns at once with `already_stored = true` without reading
+    /// `source`; so does a writer that waited for a concurrent writer of the same chunk. That
+    /// wait is bounded ([`CHUNK_LOCK_WAIT`]): then `Conflict`, as for a chunk sent to a
+    /// complete or aborted upload. Any error leaves the chunk missing: it can be resent.
+    pub fn write_chunk_sized(
+        &self,
+        id: &str,
+        index: u64,
+        source: &mut dyn Read,
+        source_len: Option<u64>,
+        checksum: Option<&str>,
+        on_progress: &mut dyn FnMut(u64),
+    ) -> Result<ChunkOutcome, StorageError> {
+        check_id(id)?;
         let expected_sha = checksum.map(parse_checksum).transpose()?;
-        let m = self.load_live(id, &dir)?;
+        let root = self.open_root()?;
+        let m = self.load_writable(&root, id, index)?;
         if index >= m.chunk_count {
             return Err(StorageError::InvalidChunk(format!(
                 "chunk index {index} is out of range 0..{} for upload {id}",
@@ -375,83 +426,115 @@ impl Store {
         if m.is_stored(index) {
             return Ok(self.already_stored(&m));
         }
-
+        let dir = self.upload_dir(&root, id)?;
+        let lock_path = dir.path().join(LOCK);
         let lock_file = open_lock(&dir, id)?;
-        let _chunk_lock = ByteLock::acquire(&lock_file, 1 + index)
-            .map_err(|e| io_error(&format!("locking chunk {index} in"), &dir.join(LOCK), &e))?;
-        let m = self.load_live(id, &dir)?;
+        // Registered before the lock is taken: a bailout from here on is cleaned up.
+        let inflight = InFlight::new();
+        inflight.hold(&lock_file);
+        let _chunk_lock = ByteLock::acquire_within(&lock_file, 1 + index, self.chunk_lock_wait)
+            .map_err(|e| io_error(&format!("locking chunk {index} in"), &lock_path, &e))?
+            .ok_or_else(|| {
+                StorageError::Conflict(format!(
+                    "chunk {index} of upload {id} is being written by another request \
+                     (still busy after {} ms); nothing was written, retry later",
+                    self.chunk_lock_wait.as_millis()
+                ))
+            })?;
+        let m = self.load_writable(&root, id, index)?;
         if m.is_stored(index) {
             return Ok(self.already_stored(&m));
         }
         let len = m.chunk_len(index);
         let offset = index * m.chunk_size;
 
-        let mut data_path = dir.join(DATA_PART);
-        if !data_path.exists() && dir.join(DATA).exists() {
+        let mut data_name = DATA_PART;
+        if !dir.exists(DATA_PART) && dir.exists(DATA) {
             // complete() renamed it but its state change did not land (crash, lost
             // Redis write): the chunk still goes into the one data file.
-            data_path = dir.join(DATA);
+            data_name = DATA;
         }
-        let file = match OpenOptions::new().write(true).open(&data_path) {
+        let data_path = dir.path().join(data_name);
+        let file = match dir.open_file(data_name, OpenHow::Write) {
             Ok(f) => f,
             Err(e) if manifest::is_gone(&e) => return Err(StorageError::NotFound(id.to_string())),
             Err(e) => return Err(io_error("opening", &data_path, &e)),
         };
+        inflight.hold(&file);
+        inflight.punch_on_abandon(&file, offset, len);
         let what = format!("writing chunk {index} of upload {id} to");
-        if self.fault_enospc_after.is_none() {
-            sys::reserve(&file, offset, len).map_err(|e| io_error(&what, &data_path, &e))?;
-        }
         // Aligned blocks bypass the page cache: one memory copy less per byte
         // and no writer queueing on the page cache of the shared data file.
         // Filesystems without O_DIRECT (tmpfs) refuse the open: buffered only.
         let direct = (offset.is_multiple_of(DIRECT_ALIGN) && self.fault_enospc_after.is_none())
             .then(|| {
-                OpenOptions::new()
-                    .write(true)
-                    .custom_flags(libc::O_DIRECT)
-                    .open(&data_path)
+                dir.open_file_flags(data_name, OpenHow::Write, libc::O_DIRECT)
                     .ok()
             })
             .flatten();
-        let streamed = stream_chunk(
-            Target {
-                buffered: &file,
-                direct: direct.as_ref(),
-            },
-            offset,
-            len,
-            source,
-            expected_sha.is_some(),
-            on_progress,
-            self.fault_enospc_after,
-        )
-        .map_err(|e| match e {
-            StreamError::Source(e) => StorageError::Io(format!(
-                "reading the body of chunk {index} of upload {id} failed: {e}"
-            )),
-            StreamError::Write(e) => io_error(&what, &data_path, &e),
-        })?;
-        if streamed.received != len {
-            let got = if streamed.received > len {
-                format!("more than {len}")
-            } else {
-                streamed.received.to_string()
-            };
-            return Err(StorageError::InvalidChunk(format!(
-                "chunk {index} of upload {id} has {got} bytes, expected {len}"
-            )));
+        if let Some(d) = &direct {
+            inflight.hold(d);
         }
-        if let (Some(expected), Some(actual)) = (&expected_sha, &streamed.sha256) {
-            if expected != actual {
-                return Err(StorageError::ChecksumMismatch {
-                    index,
-                    expected: expected.clone(),
-                    actual: actual.clone(),
-                });
+        let stored = (|| {
+            // Reserve only what the source announces to send in full: a short or lying
+            // Content-Length must not reserve a whole (up to 2 GiB) chunk.
+            if self.fault_enospc_after.is_none() && source_len == Some(len) {
+                sys::reserve(&file, offset, len).map_err(|e| io_error(&what, &data_path, &e))?;
             }
+            let streamed = stream_chunk(
+                Target {
+                    buffered: &file,
+                    direct: direct.as_ref(),
+                },
+                offset,
+                len,
+                source,
+                expected_sha.is_some(),
+                on_progress,
+                self.fault_enospc_after,
+            )
+            .map_err(|e| match e {
+                StreamError::Source(e) => StorageError::Io(format!(
+                    "reading the body of chunk {index} of upload {id} failed: {e}"
+                )),
+                StreamError::Write(e) => io_error(&what, &data_path, &e),
+            })?;
+            if streamed.received != len {
+                let got = if streamed.received > len {
+                    format!("more than {len}")
+                } else {
+                    streamed.received.to_string()
+                };
+                return Err(StorageError::InvalidChunk(format!(
+                    "chunk {index} of upload {id} has {got} bytes, expected {len}"
+                )));
+            }
+            if let (Some(expected), Some(actual)) = (&expected_sha, &streamed.sha256) {
+                if expected != actual {
+                    return Err(StorageError::ChecksumMismatch {
+                        index,
+                        expected: expected.clone(),
+                        actual: actual.clone(),
+                    });
+                }
+            }
+            file.sync_data()
+                .map_err(|e| io_error(&what, &data_path, &e))?;
+            Ok(streamed)
+        })();
+        let streamed = match stored {
+            Ok(s) => s,
+            Err(e) => {
+                // Give back what this attempt reserved or wrote: the chunk stays missing.
+                let _ = sys::release(&file, offset, len);
+                return Err(e);
+            }
+        };
+        inflight.keep_data();
+        if let Some(d) = direct {
+            inflight.forget(&d);
         }
-        file.sync_data()
-            .map_err(|e| io_error(&what, &data_path, &e))?;
+        inflight.forget(&file);
         drop(file);
 
         let m = match &self.redis {
@@ -462,9 +545,8 @@ impl Store {
                     .ok_or_else(|| StorageError::NotFound(id.to_string()))?
             }
             None => {
-                let _manifest_lock = ByteLock::acquire(&lock_file, MANIFEST_LOCK_BYTE)
-                    .map_err(|e| io_error("locking the manifest in", &dir.join(LOCK), &e))?;
-                let mut m = self.load_live(id, &dir)?;
+                let _manifest_lock = self.manifest_lock(&lock_file, &lock_path, id)?;
+                let mut m = self.load_live(&root, id)?;
                 m.mark_stored(index, streamed.sha256);
                 self.touch(&mut m);
                 manifest::store(&dir, &m)?;
@@ -484,25 +566,32 @@ impl Store {
     /// with all chunks stored, and only `abort()` is left to do). The data file is fsynced and
     /// renamed from `data.part` to `data`. Idempotent: a second call returns the same status.
     pub fn complete(&self, id: &str) -> Result<UploadStatus, StorageError> {
-        let dir = self.upload_dir(id)?;
+        check_id(id)?;
+        let root = self.open_root()?;
+        let dir = self.upload_dir(&root, id)?;
+        let lock_path = dir.path().join(LOCK);
         let lock_file = open_lock(&dir, id)?;
-        let _manifest_lock = ByteLock::acquire(&lock_file, MANIFEST_LOCK_BYTE)
-            .map_err(|e| io_error("locking the manifest in", &dir.join(LOCK), &e))?;
-        let mut m = self.load_live(id, &dir)?;
+        let _manifest_lock = self.manifest_lock(&lock_file, &lock_path, id)?;
+        let mut m = self.load_live(&root, id)?;
         if m.state == UploadState::Complete {
             return Ok(self.status_of(&m));
         }
         if !m.missing().is_empty() {
             return Err(missing_chunks(id, &m));
         }
-        let part = dir.join(DATA_PART);
-        let done = dir.join(DATA);
         // A crash between the rename and the manifest update leaves `data` and no `data.part`.
-        let src = if part.exists() { &part } else { &done };
-        let file = File::open(src).map_err(|e| io_error("opening", src, &e))?;
+        let src_name = if dir.exists(DATA_PART) {
+            DATA_PART
+        } else {
+            DATA
+        };
+        let src = dir.path().join(src_name);
+        let file = dir
+            .open_file(src_name, OpenHow::Read)
+            .map_err(|e| io_error("opening", &src, &e))?;
         let size = file
             .metadata()
-            .map_err(|e| io_error("reading the size of", src, &e))?
+            .map_err(|e| io_error("reading the size of", &src, &e))?
             .len();
         if size != m.total_bytes {
             return Err(StorageError::Io(format!(
@@ -512,7 +601,7 @@ impl Store {
             )));
         }
         if let Some(expected) = &m.sha256 {
-            let actual = hash_file(&file).map_err(|e| io_error("reading", src, &e))?;
+            let actual = hash_file(&file).map_err(|e| io_error("reading", &src, &e))?;
             if &actual != expected {
                 return Err(StorageError::ChecksumMismatch {
                     index: WHOLE_FILE,
@@ -521,13 +610,15 @@ impl Store {
                 });
             }
         }
-        file.sync_all().map_err(|e| io_error("syncing", src, &e))?;
+        file.sync_all().map_err(|e| io_error("syncing", &src, &e))?;
         drop(file);
-        if src == &part {
-            fs::rename(&part, &done).map_err(|e| io_error("renaming", &part, &e))?;
-            sys::sync_dir(&dir).map_err(|e| io_error("syncing", &dir, &e))?;
+        if src_name == DATA_PART {
+            dir.rename(DATA_PART, DATA)
+                .map_err(|e| io_error("renaming", &src, &e))?;
+            dir.sync()
+                .map_err(|e| io_error("syncing", dir.path(), &e))?;
         }
-        let path = done.to_string_lossy().into_owned();
+        let path = dir.path().join(DATA).to_string_lossy().into_owned();
         if let Some(r) = &self.redis {
             let now = self.now();
             return match r.complete(&m, &path, now, self.expiry_from(now))? {
@@ -547,27 +638,28 @@ impl Store {
     /// exist (or expired, or was already aborted). Concurrent readers see state `aborted` or
     /// `NotFound`; a concurrent chunk writer fails with `NotFound` instead of marking.
     pub fn abort(&self, id: &str) -> Result<(), StorageError> {
-        let dir = self.upload_dir(id)?;
+        check_id(id)?;
+        let root = self.open_root()?;
+        let dir = self.upload_dir(&root, id)?;
+        let lock_path = dir.path().join(LOCK);
         let lock_file = open_lock(&dir, id)?;
         if let Some(r) = &self.redis {
             let outcome = {
-                let _lock = ByteLock::acquire(&lock_file, MANIFEST_LOCK_BYTE)
-                    .map_err(|e| io_error("locking the manifest in", &dir.join(LOCK), &e))?;
+                let _lock = self.manifest_lock(&lock_file, &lock_path, id)?;
                 r.abort(id, self.now())?
             };
             if matches!(outcome, AbortOutcome::Unknown) {
                 return Err(StorageError::NotFound(id.to_string()));
             }
             drop(lock_file);
-            let _ = fs::remove_dir_all(&dir);
+            let _ = fs::remove_dir_all(dir.path());
             return match outcome {
                 AbortOutcome::Removed => Ok(()),
                 _ => Err(StorageError::NotFound(id.to_string())),
             };
         }
         {
-            let manifest_lock = ByteLock::acquire(&lock_file, MANIFEST_LOCK_BYTE)
-                .map_err(|e| io_error("locking the manifest in", &dir.join(LOCK), &e))?;
+            let manifest_lock = self.manifest_lock(&lock_file, &lock_path, id)?;
             let Some(mut m) = manifest::load(&dir, id)? else {
                 return Err(StorageError::NotFound(id.to_string()));
             };
@@ -575,20 +667,21 @@ impl Store {
             m.state = UploadState::Aborted;
             if manifest::store(&dir, &m).is_err() {
                 // No space for a new manifest: unlinking the old one commits the abort too.
-                let path = dir.join(manifest::MANIFEST);
-                fs::remove_file(&path).map_err(|e| io_error("removing", &path, &e))?;
+                let path = dir.path().join(manifest::MANIFEST);
+                dir.remove_file(manifest::MANIFEST)
+                    .map_err(|e| io_error("removing", &path, &e))?;
             }
             if gone {
                 drop(manifest_lock);
                 drop(lock_file);
-                let _ = fs::remove_dir_all(&dir);
+                let _ = fs::remove_dir_all(dir.path());
                 return Err(StorageError::NotFound(id.to_string()));
             }
         }
         // Removed after unlocking and closing the lock file (NFS cannot remove open files).
         // Should it fail, the manifest says `aborted` and the next sweep retries.
         drop(lock_file);
-        let _ = fs::remove_dir_all(&dir);
+        let _ = fs::remove_dir_all(dir.path());
         Ok(())
     }
 
@@ -618,29 +711,24 @@ impl Store {
     // ---- internals ----
 
     fn sweep(&self, force: bool) -> Vec<SweptUpload> {
-        let stamp = self.root.join(SWEEP_STAMP);
-        let seen = stamp_mtime(&stamp);
+        let Ok(root) = self.open_root() else {
+            return Vec::new();
+        };
+        let seen = root.mtime(SWEEP_STAMP);
         if !force && seen.is_some_and(is_recent) {
             return Vec::new();
         }
-        let Ok(stamp_file) = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&stamp)
-        else {
+        let Ok(stamp_file) = root.open_file(SWEEP_STAMP, OpenHow::CreateOrOpen) else {
             return Vec::new();
         };
         let Ok(Some(_sweep_lock)) = ByteLock::try_acquire(&stamp_file, 0) else {
             return Vec::new(); // another process is sweeping right now
         };
-        if !force && seen.is_some() && stamp_mtime(&stamp) != seen {
+        if !force && seen.is_some() && root.mtime(SWEEP_STAMP) != seen {
             return Vec::new(); // another process swept between our look and our lock
         }
         let _ = stamp_file.set_modified(SystemTime::now());
-        let Ok(entries) = fs::read_dir(&self.root) else {
+        let Ok(entries) = fs::read_dir(root.path()) else {
             return Vec::new();
         };
         let mut swept = Vec::new();
@@ -649,7 +737,7 @@ impl Store {
             let Some(id) = name.to_str().filter(|n| valid_id(n)) else {
                 continue;
             };
-            match self.sweep_one(id, &entry.path()) {
+            match self.sweep_one(&root, id) {
                 Ok(Some(s)) => swept.push(s),
                 Ok(None) => {}
                 // Without the state store nothing can be told apart: try again later.
@@ -660,30 +748,34 @@ impl Store {
     }
 
     /// `Err` only when the state store is unreachable.
-    fn sweep_one(&self, id: &str, dir: &Path) -> Result<Option<SweptUpload>, StorageError> {
-        match self.load_manifest(dir, id) {
+    fn sweep_one(&self, root: &Root, id: &str) -> Result<Option<SweptUpload>, StorageError> {
+        let path = root.path().join(id);
+        match self.load_manifest(root, id) {
             Err(e @ StorageError::Unavailable(_)) => Err(e),
             Ok(Some(m)) if m.state == UploadState::Aborted => {
-                let _ = fs::remove_dir_all(dir);
+                let _ = fs::remove_dir_all(&path);
                 Ok(None)
             }
             Ok(Some(m)) if m.is_expired(self.now()) => {
-                let Ok(lock_file) = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open(dir.join(LOCK))
-                else {
+                let Ok(dir) = root.open_dir(id) else {
                     return Ok(None);
                 };
-                let Ok(lock) = ByteLock::acquire(&lock_file, MANIFEST_LOCK_BYTE) else {
+                let Ok(lock_file) = dir.open_file(LOCK, OpenHow::Write) else {
                     return Ok(None);
                 };
-                let Some(state) = self.expire_locked(dir, id)? else {
+                let Ok(Some(lock)) = ByteLock::acquire_within(
+                    &lock_file,
+                    MANIFEST_LOCK_BYTE,
+                    self.manifest_lock_wait,
+                ) else {
+                    return Ok(None);
+                };
+                let Some(state) = self.expire_locked(&dir, id)? else {
                     return Ok(None); // touched (or aborted) meanwhile
                 };
                 drop(lock);
                 drop(lock_file);
-                let _ = fs::remove_dir_all(dir);
+                let _ = fs::remove_dir_all(&path);
                 Ok(Some(SweptUpload {
                     id: id.to_string(),
                     state,
@@ -691,13 +783,12 @@ impl Store {
             }
             Ok(Some(_)) => Ok(None),
             Ok(None) | Err(_) => {
-                let old = fs::metadata(dir)
-                    .ok()
-                    .and_then(|md| md.modified().ok())
+                let old = root
+                    .mtime(id)
                     .and_then(|t| t.elapsed().ok())
                     .is_some_and(|age| age >= ORPHAN_AGE);
                 if old {
-                    let _ = fs::remove_dir_all(dir);
+                    let _ = fs::remove_dir_all(&path);
                 }
                 Ok(None)
             }
@@ -706,7 +797,7 @@ impl Store {
 
     /// Under the manifest lock: marks an expired upload aborted and returns the state it
     /// had; `None` when it is live again or already gone.
-    fn expire_locked(&self, dir: &Path, id: &str) -> Result<Option<UploadState>, StorageError> {
+    fn expire_locked(&self, dir: &Dir, id: &str) -> Result<Option<UploadState>, StorageError> {
         if let Some(r) = &self.redis {
             return r.expire(id, self.now());
         }
@@ -718,56 +809,101 @@ impl Store {
         }
         let state = m.state;
         m.state = UploadState::Aborted;
-        if manifest::store(dir, &m).is_err()
-            && fs::remove_file(dir.join(manifest::MANIFEST)).is_err()
-        {
+        if manifest::store(dir, &m).is_err() && dir.remove_file(manifest::MANIFEST).is_err() {
             return Ok(None);
         }
         Ok(Some(state))
     }
 
+    /// The checked root, opened (and created with mode 0700 when missing: tmp cleaners) for
+    /// one operation; refused with a `StorageException` naming the problem otherwise.
+    fn open_root(&self) -> Result<Root, StorageError> {
+        Root::open(&self.root)
+    }
+
     /// The state of upload `id` wherever it is kept; `None` when there is none.
-    fn load_manifest(&self, dir: &Path, id: &str) -> Result<Option<Manifest>, StorageError> {
+    fn load_manifest(&self, root: &Root, id: &str) -> Result<Option<Manifest>, StorageError> {
         match &self.redis {
             Some(r) => r.load(id),
-            None => manifest::load(dir, id),
+            None => match root.open_dir(id) {
+                Ok(dir) => manifest::load(&dir, id),
+                Err(e) if manifest::is_gone(&e) => Ok(None),
+                Err(e) => Err(io_error("opening", &root.path().join(id), &e)),
+            },
         }
     }
 
-    fn upload_dir(&self, id: &str) -> Result<PathBuf, StorageError> {
-        if valid_id(id) {
-            Ok(self.root.join(id))
-        } else {
-            Err(StorageError::InvalidId(shorten(id)))
+    /// The directory of upload `id`: `NotFound` when it does not exist.
+    fn upload_dir(&self, root: &Root, id: &str) -> Result<Dir, StorageError> {
+        match root.open_dir(id) {
+            Ok(dir) => Ok(dir),
+            Err(e) if manifest::is_gone(&e) => Err(StorageError::NotFound(id.to_string())),
+            Err(e) => Err(io_error("opening", &root.path().join(id), &e)),
         }
     }
 
     /// The manifest of a live upload: `NotFound` when missing, aborted or expired.
-    fn load_live(&self, id: &str, dir: &Path) -> Result<Manifest, StorageError> {
-        match self.load_manifest(dir, id)? {
+    fn load_live(&self, root: &Root, id: &str) -> Result<Manifest, StorageError> {
+        match self.load_manifest(root, id)? {
             Some(m) if m.state != UploadState::Aborted && !m.is_expired(self.now()) => Ok(m),
             _ => Err(StorageError::NotFound(id.to_string())),
         }
     }
 
-    fn make_upload_dir(&self) -> Result<(String, PathBuf), StorageError> {
+    /// The manifest of an upload that takes chunks: `NotFound` when missing or expired,
+    /// `Conflict` when complete or aborted (a chunk there is refused, never stored or
+    /// reported as stored, whatever its length or checksum).
+    fn load_writable(&self, root: &Root, id: &str, index: u64) -> Result<Manifest, StorageError> {
+        match self.load_manifest(root, id)? {
+            Some(m) if m.is_expired(self.now()) => Err(StorageError::NotFound(id.to_string())),
+            Some(m) if m.state == UploadState::Complete => Err(StorageError::Conflict(format!(
+                "upload {id} is complete: chunk {index} was not accepted (a complete upload \
+                 takes no more chunks)"
+            ))),
+            Some(m) if m.state == UploadState::Aborted => Err(StorageError::Conflict(format!(
+                "upload {id} was aborted: chunk {index} was not accepted"
+            ))),
+            Some(m) => Ok(m),
+            None => Err(StorageError::NotFound(id.to_string())),
+        }
+    }
+
+    /// The manifest lock of an upload, waiting at most `manifest_lock_wait`.
+    fn manifest_lock<'f>(
+        &self,
+        lock_file: &'f File,
+        lock_path: &Path,
+        id: &str,
+    ) -> Result<ByteLock<'f>, StorageError> {
+        ByteLock::acquire_within(lock_file, MANIFEST_LOCK_BYTE, self.manifest_lock_wait)
+            .map_err(|e| io_error("locking the manifest in", lock_path, &e))?
+            .ok_or_else(|| {
+                StorageError::Io(format!(
+                    "the manifest of upload {id} stayed locked by another request for {} ms \
+                     ({}); retry later",
+                    self.manifest_lock_wait.as_millis(),
+                    lock_path.display()
+                ))
+            })
+    }
+
+    fn make_upload_dir(&self, root: &mut Root) -> Result<(String, Dir), StorageError> {
         let mut last_err = None;
         for _ in 0..8 {
             let id = new_id();
-            let dir = self.root.join(&id);
-            match DirBuilder::new().mode(0o700).create(&dir) {
-                Ok(()) => return Ok((id, dir)),
+            match root.create_dir(&id) {
+                Ok(dir) => return Ok((id, dir)),
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     // The root was removed behind our back (tmp cleaners): make it again.
-                    create_root(&self.root)?;
+                    *root = self.open_root()?;
                     last_err = Some(e);
                 }
-                Err(e) => return Err(io_error("creating", &dir, &e)),
+                Err(e) => return Err(io_error("creating", &root.path().join(&id), &e)),
             }
         }
         let e = last_err.unwrap_or_else(|| io::Error::other("no free upload id"));
-        Err(io_error("creating an upload directory in", &self.root, &e))
+        Err(io_error("creating an upload directory in", root.path(), &e))
     }
 
     fn already_stored(&self, m: &Manifest) -> ChunkOutcome {
@@ -845,33 +981,20 @@ fn missing_chunks(id: &str, m: &Manifest) -> StorageError {
     ))
 }
 
-fn create_root(root: &Path) -> Result<(), StorageError> {
-    match DirBuilder::new().recursive(true).mode(0o700).create(root) {
-        Ok(()) => Ok(()),
-        Err(e) => Err(io_error("creating the storage directory", root, &e)),
+fn check_id(id: &str) -> Result<(), StorageError> {
+    if valid_id(id) {
+        Ok(())
+    } else {
+        Err(StorageError::InvalidId(shorten(id)))
     }
 }
 
-fn new_file(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-}
-
-fn open_lock(dir: &Path, id: &str) -> Result<File, StorageError> {
-    let path = dir.join(LOCK);
-    match OpenOptions::new().read(true).write(true).open(&path) {
+fn open_lock(dir: &Dir, id: &str) -> Result<File, StorageError> {
+    match dir.open_file(LOCK, OpenHow::Write) {
         Ok(f) => Ok(f),
         Err(e) if manifest::is_gone(&e) => Err(StorageError::NotFound(id.to_string())),
-        Err(e) => Err(io_error("opening", &path, &e)),
+        Err(e) => Err(io_error("opening", &dir.path().join(LOCK), &e)),
     }
-}
-
-fn stamp_mtime(stamp: &Path) -> Option<SystemTime> {
-    fs::metadata(stamp).and_then(|m| m.modified()).ok()
 }
 
 fn is_recent(mtime: SystemTime) -> bool {

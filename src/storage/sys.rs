@@ -7,6 +7,7 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 /// An exclusive open-file-description (OFD) lock on one byte of a file.
 ///
@@ -22,7 +23,9 @@ pub(crate) struct ByteLock<'a> {
 }
 
 impl<'a> ByteLock<'a> {
-    /// Waits until the exclusive lock on `byte` of `file` is ours.
+    /// Waits until the exclusive lock on `byte` of `file` is ours (tests only: production
+    /// waits are bounded, see [`ByteLock::acquire_within`]).
+    #[cfg(test)]
     pub(crate) fn acquire(file: &'a File, byte: u64) -> io::Result<ByteLock<'a>> {
         loop {
             match set_lock(file, byte, libc::F_WRLCK, true) {
@@ -30,6 +33,30 @@ impl<'a> ByteLock<'a> {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
+        }
+    }
+
+    /// Takes the exclusive lock on `byte`, waiting at most `wait`; `Ok(None)` when it is
+    /// still held by someone else then. Polls with `F_OFD_SETLK` (1 ms doubling to 50 ms)
+    /// instead of blocking in `F_OFD_SETLKW`: a blocked waiter could only be freed by a
+    /// signal, and PHP must never wait forever behind a request that trickles its body.
+    pub(crate) fn acquire_within(
+        file: &'a File,
+        byte: u64,
+        wait: Duration,
+    ) -> io::Result<Option<ByteLock<'a>>> {
+        let deadline = Instant::now() + wait;
+        let mut pause = Duration::from_millis(1);
+        loop {
+            if let Some(lock) = ByteLock::try_acquire(file, byte)? {
+                return Ok(Some(lock));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(pause.min(deadline - now));
+            pause = (pause * 2).min(Duration::from_millis(50));
         }
     }
 
@@ -130,6 +157,39 @@ pub(crate) fn reserve(file: &File, offset: u64, len: u64) -> io::Result<()> {
     }
 }
 
+/// Gives back the disk blocks of `[offset, offset+len)` of `file` (a chunk that failed):
+/// `FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE`, so the file keeps its size and reads zeros
+/// there. Partial blocks at the edges are zeroed within the range only, so neighbouring
+/// chunks are untouched. Filesystems without hole punching are left as they are.
+pub(crate) fn release(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    let (Ok(off), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Ok(());
+    };
+    loop {
+        // SAFETY: plain syscall on an open descriptor.
+        let rc = unsafe {
+            libc::fallocate(
+                file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                len,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) => return Ok(()),
+            _ => return Err(e),
+        }
+    }
+}
+
 /// Bytes available to an unprivileged user on the filesystem of `path` (statvfs).
 pub(crate) fn free_space(path: &Path) -> Option<u64> {
     let c = CString::new(path.as_os_str().as_bytes()).ok()?;
@@ -141,9 +201,4 @@ pub(crate) fn free_space(path: &Path) -> Option<u64> {
         return None;
     }
     (st.f_bavail as u64).checked_mul(st.f_frsize as u64)
-}
-
-/// fsync of a directory, so that a rename or a new entry in it is durable.
-pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
 }

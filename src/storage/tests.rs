@@ -4,7 +4,7 @@
 use super::*;
 use sha2::{Digest, Sha256};
 use std::io::Cursor;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -13,6 +13,12 @@ use std::time::Instant;
 use tempfile::TempDir;
 
 const MIB: u64 = 1 << 20;
+
+/// A TempDir as a storage root: the root must be closed to group/other.
+fn private(tmp: &TempDir) -> &Path {
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o700)).unwrap();
+    tmp.path()
+}
 
 fn opts(root: &Path) -> StoreOptions {
     StoreOptions {
@@ -198,13 +204,11 @@ fn layout_round_trip_and_idempotent_complete() {
         path.to_str().unwrap()
     );
 
-    // Idempotent completion; a chunk of a complete upload is "already stored".
+    // Idempotent completion; a chunk of a complete upload is a conflict, its body unread.
     assert_eq!(store.complete(&st.id).unwrap().path, done.path);
-    let again = store
-        .write_chunk(&st.id, 1, &mut MustNotRead, None, &mut |_| {})
-        .unwrap();
-    assert!(again.already_stored);
-    assert_eq!(again.status.state, UploadState::Complete);
+    let (e, m) = msg(store.write_chunk(&st.id, 1, &mut MustNotRead, None, &mut |_| {}));
+    assert!(matches!(e, StorageError::Conflict(_)), "{e:?}");
+    assert!(m.contains("is complete") && m.contains(&st.id), "{m}");
 
     // The manifest records what the brief asks for.
     let m: serde_json::Value =
@@ -313,7 +317,7 @@ fn create_validation_names_the_value() {
     let tmp = TempDir::new().unwrap();
     let store = Store::new(StoreOptions {
         max_upload_size: 1000,
-        ..opts(tmp.path())
+        ..opts(private(&tmp))
     })
     .unwrap();
     let none = BTreeMap::new;
@@ -377,7 +381,7 @@ fn create_validation_names_the_value() {
 
     let (e, m) = msg(Store::new(StoreOptions {
         default_chunk_size: 0,
-        ..opts(tmp.path())
+        ..opts(private(&tmp))
     }));
     assert!(matches!(e, StorageError::InvalidArgument(_)));
     assert!(m.contains("chunk_size 0"), "{m}");
@@ -1177,7 +1181,7 @@ fn zero_expire_seconds_never_expires() {
     let tmp = TempDir::new().unwrap();
     let store = Store::new(StoreOptions {
         expire_seconds: 0,
-        ..opts(tmp.path())
+        ..opts(private(&tmp))
     })
     .unwrap();
     let st = store.create(10, None, BTreeMap::new(), None).unwrap();
@@ -1198,6 +1202,7 @@ fn sweep_claims_are_exclusive() {
         .write(true)
         .create(true)
         .truncate(false)
+        .mode(0o600)
         .open(store.root().join(".sweep"))
         .unwrap();
     let held = ByteLock::acquire(&stamp, 0).unwrap();
@@ -1240,4 +1245,345 @@ fn a_corrupt_manifest_is_an_io_error_naming_it() {
     bad["total_bytes"] = 0.into();
     fs::write(&path, bad.to_string()).unwrap();
     assert!(matches!(store.status(&st.id), Err(StorageError::Io(_))));
+}
+
+// ---- shared-host hardening: the root, links, reservations, bounded waits ----
+
+fn allocated(path: &Path) -> u64 {
+    fs::metadata(path).unwrap().blocks() * 512
+}
+
+/// Attacker (another local user) creates the root first, or leaves it open to others, or
+/// points it elsewhere with a symlink. Old code used any of them as they were.
+#[test]
+fn unsafe_roots_are_refused_by_every_call_and_never_chmodded() {
+    let tmp = TempDir::new().unwrap();
+    let good = private(&tmp).join("root");
+    let store = Store::new(opts(&good)).unwrap();
+    let mode = fs::metadata(&good).unwrap().permissions().mode();
+    assert_eq!(mode & 0o7777, 0o700, "created 0700");
+    let st = store.create(10, None, BTreeMap::new(), None).unwrap();
+
+    // Opened to group/other later: every call refuses, naming the path and the problem.
+    fs::set_permissions(&good, fs::Permissions::from_mode(0o755)).unwrap();
+    let (e, m) = msg(store.status(&st.id));
+    assert!(matches!(e, StorageError::Io(_)), "{e:?}");
+    assert!(
+        m.contains(good.to_str().unwrap()) && m.contains("0755"),
+        "{m}"
+    );
+    assert!(store.create(10, None, BTreeMap::new(), None).is_err());
+    assert!(store.complete(&st.id).is_err());
+    assert!(store.abort(&st.id).is_err());
+    let (_, m) = msg(put(&store, &st.id, 0, &[0; 10]));
+    assert!(m.contains("group/other"), "{m}");
+    assert_eq!(
+        fs::metadata(&good).unwrap().permissions().mode() & 0o7777,
+        0o755,
+        "refused, not chmod'ed"
+    );
+    fs::set_permissions(&good, fs::Permissions::from_mode(0o700)).unwrap();
+    assert!(store.status(&st.id).is_ok());
+
+    // Owned by another user.
+    let foreign = tmp.path().join("foreign");
+    fs::create_dir(&foreign).unwrap();
+    fs::set_permissions(&foreign, fs::Permissions::from_mode(0o700)).unwrap();
+    std::os::unix::fs::chown(&foreign, Some(65534), Some(65534)).unwrap();
+    let e = Store::new(opts(&foreign)).unwrap_err().to_string();
+    assert!(
+        e.contains(foreign.to_str().unwrap()) && e.contains("owned by uid 65534"),
+        "{e}"
+    );
+
+    // A symlink to a good directory.
+    let link = tmp.path().join("link");
+    std::os::unix::fs::symlink(&good, &link).unwrap();
+    let e = Store::new(opts(&link)).unwrap_err().to_string();
+    assert!(e.contains("symbolic link"), "{e}");
+
+    // A planted .app-secret (foreign owner) makes the root unusable too.
+    let planted = good.join(root::SECRET_FILE);
+    fs::write(&planted, "attacker").unwrap();
+    fs::set_permissions(&planted, fs::Permissions::from_mode(0o600)).unwrap();
+    std::os::unix::fs::chown(&planted, Some(65534), Some(65534)).unwrap();
+    let (_, m) = msg(store.status(&st.id));
+    assert!(
+        m.contains(".app-secret") && m.contains("owned by uid 65534"),
+        "{m}"
+    );
+    assert!(root::check(&good).is_err());
+    assert!(matches!(
+        root::check(&tmp.path().join("missing")),
+        Ok(false)
+    ));
+}
+
+/// Attacker: plants `data.part` as a symlink (or a hard link) to a file of the pool's user.
+/// Old code opened it by path and `writeChunk` overwrote the victim.
+#[test]
+fn planted_links_under_the_root_are_never_written_through() {
+    let tmp = TempDir::new().unwrap();
+    let store = store_in(&tmp);
+    let victim = tmp.path().join("victim");
+    fs::write(&victim, b"precious").unwrap();
+    fs::set_permissions(&victim, fs::Permissions::from_mode(0o600)).unwrap();
+    let st = store.create(8, None, BTreeMap::new(), None).unwrap();
+    let dir = store.root().join(&st.id);
+    fs::remove_file(dir.join("data.part")).unwrap();
+    std::os::unix::fs::symlink(&victim, dir.join("data.part")).unwrap();
+    let (e, m) = msg(put(&store, &st.id, 0, b"OVERWRIT"));
+    assert!(matches!(e, StorageError::Io(_)), "{e:?}");
+    assert!(m.contains("symbolic link"), "{m}");
+    assert_eq!(fs::read(&victim).unwrap(), b"precious");
+
+    fs::remove_file(dir.join("data.part")).unwrap();
+    fs::hard_link(&victim, dir.join("data.part")).unwrap();
+    let (_, m) = msg(put(&store, &st.id, 0, b"OVERWRIT"));
+    assert!(m.contains("hard links"), "{m}");
+    assert_eq!(fs::read(&victim).unwrap(), b"precious");
+
+    // The whole upload directory replaced by a symlink to a look-alike.
+    let other = store.create(8, None, BTreeMap::new(), None).unwrap();
+    let moved = tmp.path().join("moved");
+    fs::rename(store.root().join(&other.id), &moved).unwrap();
+    std::os::unix::fs::symlink(&moved, store.root().join(&other.id)).unwrap();
+    let (_, m) = msg(put(&store, &other.id, 0, b"OVERWRIT"));
+    assert!(m.contains("symbolic link"), "{m}");
+    assert_eq!(fs::read(moved.join("data.part")).unwrap(), [0u8; 8]);
+}
+
+/// Modes are exact whatever the umask (a process with umask 0277 used to create a root it
+/// could not write, and `create_dir_all` elsewhere made it 0755).
+#[test]
+fn modes_are_exact_whatever_the_umask() {
+    let tmp = TempDir::new().unwrap();
+    let root = private(&tmp).join("r");
+    // SAFETY: fork in a test; the child only calls the store and _exit.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        let code = std::panic::catch_unwind(|| {
+            // SAFETY: plain syscall in the child.
+            unsafe { libc::umask(0o277) };
+            let store = Store::new(opts(&root)).unwrap();
+            let st = store.create(10, None, BTreeMap::new(), None).unwrap();
+            put(&store, &st.id, 0, &[1; 10]).unwrap();
+            crate::secret::load_or_create(&root).unwrap();
+        })
+        .map_or(1, |()| 0);
+        // SAFETY: leave the child without running the parent's atexit handlers.
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert_eq!(status, 0, "child failed");
+    let mode = |p: &Path| fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(&root), 0o700);
+    assert_eq!(mode(&root.join(root::SECRET_FILE)), 0o600);
+    for e in fs::read_dir(&root).unwrap().flatten() {
+        if e.file_type().unwrap().is_dir() {
+            assert_eq!(mode(&e.path()), 0o700);
+            for f in fs::read_dir(e.path()).unwrap().flatten() {
+                assert_eq!(mode(&f.path()), 0o600, "{:?}", f.path());
+            }
+        }
+    }
+}
+
+/// Attacker: announces (or sends) 1 271 bytes for a 64 MiB chunk. Old code reserved the
+/// whole chunk before reading and never gave it back: 64 MiB allocated for 1 271 bytes.
+#[test]
+fn failed_chunks_keep_no_reservation() {
+    let tmp = TempDir::new().unwrap();
+    let store = store_in(&tmp);
+    let chunk = 64 * MIB;
+    let st = store
+        .create(2 * chunk, Some(chunk), BTreeMap::new(), None)
+        .unwrap();
+    let data = store.root().join(&st.id).join("data.part");
+    let short = vec![7u8; 1271];
+    // Length unknown (or shorter than the chunk): nothing reserved.
+    let e = store
+        .write_chunk_sized(&st.id, 0, &mut Cursor::new(&short), None, None, &mut |_| {})
+        .unwrap_err();
+    assert!(matches!(e, StorageError::InvalidChunk(_)), "{e:?}");
+    assert!(
+        allocated(&data) < MIB,
+        "{} bytes allocated",
+        allocated(&data)
+    );
+    let e = store
+        .write_chunk_sized(
+            &st.id,
+            0,
+            &mut Cursor::new(&short),
+            Some(1271),
+            None,
+            &mut |_| {},
+        )
+        .unwrap_err();
+    assert!(matches!(e, StorageError::InvalidChunk(_)), "{e:?}");
+    assert!(
+        allocated(&data) < MIB,
+        "{} bytes allocated",
+        allocated(&data)
+    );
+    // Announced in full, then the body ends early (client gone): the range is given back.
+    let e = store
+        .write_chunk_sized(
+            &st.id,
+            1,
+            &mut Cursor::new(&short),
+            Some(chunk),
+            None,
+            &mut |_| {},
+        )
+        .unwrap_err();
+    assert!(matches!(e, StorageError::InvalidChunk(_)), "{e:?}");
+    assert!(
+        allocated(&data) < MIB,
+        "{} bytes allocated",
+        allocated(&data)
+    );
+    // A good chunk announced in full is reserved and stays.
+    let body = data_bytes(chunk as usize, 3);
+    store
+        .write_chunk_sized(
+            &st.id,
+            1,
+            &mut Cursor::new(&body),
+            Some(chunk),
+            None,
+            &mut |_| {},
+        )
+        .unwrap();
+    assert!(allocated(&data) >= chunk);
+    assert!(!store.status(&st.id).unwrap().missing.contains(&1));
+}
+
+/// A failed chunk's hole never touches the bytes of a neighbouring chunk sharing its edge
+/// blocks (chunk size not a multiple of the block size).
+#[test]
+fn punching_a_failed_chunk_keeps_neighbours() {
+    let tmp = TempDir::new().unwrap();
+    let store = store_in(&tmp);
+    let cs = 10_000u64;
+    let src = data_bytes(3 * cs as usize, 9);
+    let st = store
+        .create(3 * cs, Some(cs), BTreeMap::new(), None)
+        .unwrap();
+    put(&store, &st.id, 0, chunk(&src, cs, 0)).unwrap();
+    put(&store, &st.id, 2, chunk(&src, cs, 2)).unwrap();
+    let short = &chunk(&src, cs, 1)[..5000];
+    assert!(store
+        .write_chunk_sized(
+            &st.id,
+            1,
+            &mut Cursor::new(short),
+            Some(cs),
+            None,
+            &mut |_| {}
+        )
+        .is_err());
+    put(&store, &st.id, 1, chunk(&src, cs, 1)).unwrap();
+    let path = store.complete(&st.id).unwrap().path.unwrap();
+    assert_eq!(fs::read(path).unwrap(), src);
+}
+
+fn data_bytes(len: usize, seed: u64) -> Vec<u8> {
+    data(len, seed)
+}
+
+/// Attacker: trickles chunk 0 and sends chunk 0 again in parallel. Old code made the second
+/// writer wait on `F_OFD_SETLKW` for as long as the first trickled (forever).
+#[test]
+fn a_second_writer_of_a_busy_chunk_gets_a_conflict_in_bounded_time() {
+    let tmp = TempDir::new().unwrap();
+    let mut store = store_in(&tmp);
+    store.set_lock_waits(Duration::from_millis(300), Duration::from_millis(300));
+    let st = store.create(20, Some(10), BTreeMap::new(), None).unwrap();
+    let lock = File::options()
+        .read(true)
+        .write(true)
+        .open(store.root().join(&st.id).join("lock"))
+        .unwrap();
+    let held = ByteLock::acquire(&lock, 1).unwrap(); // chunk 0 is being written
+    let t = Instant::now();
+    let (e, m) = msg(store.write_chunk(&st.id, 0, &mut MustNotRead, None, &mut |_| {}));
+    let waited = t.elapsed();
+    assert!(matches!(e, StorageError::Conflict(_)), "{e:?}");
+    assert!(m.contains("being written by another request"), "{m}");
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+    // Other chunks are not held up.
+    put(&store, &st.id, 1, &[1; 10]).unwrap();
+    drop(held);
+    put(&store, &st.id, 0, &[0; 10]).unwrap();
+    assert_eq!(inflight::count(), 0);
+}
+
+/// A PHP bailout (fatal error, timeout) inside the body read is a longjmp over the write's
+/// frames: nothing is dropped. Old code then kept the chunk lock (and the reservation) for
+/// the life of the worker, and the next writer of that chunk waited forever. Simulated on a
+/// thread whose source calls `release_abandoned` (what the PHP layer does when it catches
+/// the bailout) and then never returns, so the frames stay abandoned.
+#[test]
+fn a_write_abandoned_by_a_bailout_releases_lock_and_reservation() {
+    let tmp = TempDir::new().unwrap();
+    let mut store = store_in(&tmp);
+    store.set_lock_waits(Duration::from_millis(300), Duration::from_millis(300));
+    let chunk = 16 * MIB;
+    let st = store
+        .create(chunk, Some(chunk), BTreeMap::new(), None)
+        .unwrap();
+    let data_path = store.root().join(&st.id).join("data.part");
+
+    struct Bail {
+        data: PathBuf,
+        report: mpsc::Sender<(u64, usize, usize)>,
+    }
+    impl Read for Bail {
+        fn read(&mut self, _buf: &mut [u8]) -> io::Result<usize> {
+            let reserved = allocated(&self.data);
+            let running = inflight::count();
+            // The bailout handler's cleanup, with the write's frames abandoned below us.
+            let released = release_abandoned();
+            let _ = self.report.send((reserved, running, released));
+            loop {
+                thread::park(); // never return: the frames are never dropped
+            }
+        }
+    }
+    let (tx, rx) = mpsc::channel();
+    let root = store.root().to_path_buf();
+    let id = st.id.clone();
+    let data = data_path.clone();
+    thread::spawn(move || {
+        let mut s = Store::new(opts(&root)).unwrap();
+        s.set_fault_enospc_after(None);
+        let mut src = Bail { data, report: tx };
+        let _ = s.write_chunk_sized(&id, 0, &mut src, Some(chunk), None, &mut |_| {});
+    });
+    let (reserved, running, released) = rx.recv().unwrap();
+    assert!(reserved >= chunk, "reserved while it ran: {reserved}");
+    assert_eq!((running, released), (1, 1));
+    assert!(allocated(&data_path) < MIB, "reservation given back");
+    // The chunk lock is free again: the resend is stored at once, no conflict.
+    let body = data_bytes(chunk as usize, 4);
+    let t = Instant::now();
+    store
+        .write_chunk_sized(
+            &st.id,
+            0,
+            &mut Cursor::new(&body),
+            Some(chunk),
+            None,
+            &mut |_| {},
+        )
+        .unwrap();
+    assert!(t.elapsed() < Duration::from_millis(300));
+    assert_eq!(inflight::count(), 0);
 }
