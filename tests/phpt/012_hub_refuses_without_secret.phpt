@@ -1,5 +1,5 @@
 --TEST--
-Hub::run() refuses to start without an app secret (an empty HMAC key would let anyone sign private channels)
+Hub::run() refuses to start without a usable storage root / app secret (an empty HMAC key would let anyone sign private channels)
 --INI--
 upload_progress.storage_dir=/proc/upload-progress-not-writable
 upload_progress.hub_socket=@upload-progress-phpt-nosecret
@@ -9,4 +9,4 @@ try { UploadProgress\Hub::run(); echo "started\n"; }
 catch (UploadProgress\Exception $e) { echo get_class($e), ': ', $e->getMessage(), "\n"; }
 ?>
 --EXPECTF--
-UploadProgress\Exception: Hub::run(): no app secret: %s/proc/upload-progress-not-writable%s
+UploadProgress\Exception: Hub::run(): %s/proc/upload-progress-not-writable%s
