@@ -62,7 +62,11 @@ impl InFlight {
 
     /// A descriptor the write owns (closed when abandoned).
     pub(crate) fn hold(&self, file: &File) {
-        let fd = file.as_raw_fd();
+        self.hold_fd(file.as_raw_fd());
+    }
+
+    /// [`InFlight::hold`] for a descriptor of a directory handle.
+    pub(crate) fn hold_fd(&self, fd: RawFd) {
         self.with(|s| s.fds.push(fd));
     }
 

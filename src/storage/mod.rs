@@ -105,6 +105,7 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, Read};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -431,6 +432,8 @@ impl Store {
         let lock_file = open_lock(&dir, id)?;
         // Registered before the lock is taken: a bailout from here on is cleaned up.
         let inflight = InFlight::new();
+        inflight.hold_fd(root.fd().as_raw_fd());
+        inflight.hold_fd(dir.fd().as_raw_fd());
         inflight.hold(&lock_file);
         let _chunk_lock = ByteLock::acquire_within(&lock_file, 1 + index, self.chunk_lock_wait)
             .map_err(|e| io_error(&format!("locking chunk {index} in"), &lock_path, &e))?
