@@ -259,7 +259,8 @@ function status_for(Throwable $e, string $context): int
         $e instanceof HttpError => $e->status,
         $e instanceof \UploadProgress\NotFoundException => 404,
         $e instanceof \UploadProgress\ChecksumMismatchException => 422,
-        $e instanceof \UploadProgress\InvalidChunkException => $context === 'complete' ? 409 : 422,
+        // code 409: the upload is complete/aborted, or another request writes that chunk.
+        $e instanceof \UploadProgress\InvalidChunkException => $context === 'complete' || $e->getCode() === 409 ? 409 : 422,
         $e instanceof \UploadProgress\StorageException => is_disk_full($e) ? 507 : (is_state_unavailable($e) ? 503 : 500),
         $e instanceof \ValueError, $e instanceof \InvalidArgumentException, $e instanceof \TypeError,
         $e instanceof \ArgumentCountError => 400,

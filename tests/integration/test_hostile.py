@@ -670,7 +670,9 @@ def test_hostile_http_input_changes_no_stored_byte(make_stack):
             {"X-Chunk-Checksum": hdr})
     add("re-send of a stored chunk with other bytes", "PUT", f"/api/uploads/{uid}/chunks/0", b"R" * 1024, expect=200)
     add("re-send of a stored chunk, wrong length", "PUT", f"/api/uploads/{uid}/chunks/0", b"R" * 7, expect=(200, 422))
-    add("PUT to a complete upload", "PUT", f"/api/uploads/{done}/chunks/0", b"9876543210", expect=(200, 409))
+    # InvalidChunkException code 409 (shared-host hardening): never "already stored" any more.
+    add("PUT to a complete upload", "PUT", f"/api/uploads/{done}/chunks/0", b"9876543210", expect=(409,))
+    add("PUT of a wrong length to a complete upload", "PUT", f"/api/uploads/{done}/chunks/0", b"1", expect=(409,))
     add("complete with missing chunks", "POST", f"/api/uploads/{uid}/complete", expect=409)
     # create: hostile sizes and options (nothing may be created)
     for body, expect in [

@@ -124,7 +124,7 @@ def wait_metric(stack, name, value, timeout=20):
 def two_hosts(make_stack, tmp_path, redis_url):
     """Stacks A and B: one storage directory, one Redis, hubs on their own ports."""
     shared = tmp_path / "shared-storage"
-    shared.mkdir(exist_ok=True)
+    shared.mkdir(mode=0o700, exist_ok=True)  # a storage root must be closed to group/other
     ini = {"upload_progress.redis_url": redis_url, "upload_progress.storage_dir": str(shared)}
     a = make_stack(ini=ini, suffix="-a")
     b = make_stack(ini=ini, suffix="-b")

@@ -167,7 +167,7 @@ def test_disk_full_gives_storage_error_and_stays_resumable(make_stack, tmp_path)
     """Storage on a 24 MiB tmpfs (mounted by the test; root is required)."""
     mnt = tmp_path / "tiny"
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)], capture_output=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m,mode=0700", "tmpfs", str(mnt)], capture_output=True)
     if r.returncode != 0:
         import pytest
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
