@@ -4,7 +4,8 @@
 //! # On-disk layout
 //!
 //! ```text
-//! <root>/                      mode 0700, created by Store::new when missing
+//! <root>/                      mode 0700, created when missing; owned by the euid, no
+//!                              group/other bits, not a symlink, else refused (see `root`)
 //!   .sweep                     stamp: its mtime is the last expiry sweep (at most one per 60 s)
 //!   <id>/                      one directory per upload, id = 26 chars of [0-9a-z], mode 0700
 //!     lock                     empty; OFD byte-range locks: byte 0 = manifest, byte 1+i = chunk i
@@ -16,17 +17,19 @@
 //!
 //! Chunk `i` is written in place at offset `i * chunk_size` of the one data file with
 //! `pwrite` (`FileExt::write_at`): no per-chunk files, no merge pass, no extra copy, so every
-//! uploaded byte is written once. Before reading a chunk body its range is reserved with
-//! `fallocate` (mode 0, never emulated by writing zeros), so a full disk is usually reported
-//! before the body is consumed. Blocks aligned to 4 KiB go through a second descriptor opened
+//! uploaded byte is written once. When the source announces exactly the chunk's length (the
+//! request's Content-Length), its range is reserved with `fallocate` before the body is read
+//! (mode 0, never emulated by writing zeros), so a full disk is usually reported before the
+//! body is consumed; a chunk that fails gives its range back (hole punched). Every file is
+//! opened relative to the checked root with `O_NOFOLLOW` (see `root`). Blocks aligned to 4 KiB go through a second descriptor opened
 //! with `O_DIRECT` (one memory copy less, no queueing of parallel writers on the page cache:
 //! measured 1.49 → 1.29 CPU-s/GiB and +12 % throughput for 4 parallel 8 MiB chunks); the
 //! unaligned tail of an upload, and filesystems without `O_DIRECT` (tmpfs), use the page cache.
 //!
 //! # Locking (works across processes and across hosts sharing the directory)
 //!
-//! Every operation opens `<id>/lock` itself and takes open-file-description locks
-//! (`F_OFD_SETLKW`) on it: byte 0 guards manifest updates, byte `1 + index` is the writer lock
+//! Every operation opens `<id>/lock` itself and takes open-file-description locks on it
+//! (`F_OFD_SETLK`, polled up to a bound: [`CHUNK_LOCK_WAIT`], [`MANIFEST_LOCK_WAIT`]): byte 0 guards manifest updates, byte `1 + index` is the writer lock
 //! of chunk `index`. OFD locks conflict between separately opened files even within one process
 //! (threads behave like processes), vanish when their holder dies (a SIGKILLed writer leaves no
 //! stale lock) and are forwarded to the server by Linux NFS clients. Lock order is always chunk
@@ -37,8 +40,10 @@
 //!
 //! 1. Read the manifest; a chunk already stored returns `already_stored = true` at once,
 //!    without reading the source.
-//! 2. Take the chunk lock (waits for a concurrent writer of the same chunk), re-read the
-//!    manifest, return `already_stored = true` if that writer stored it meanwhile.
+//! 2. Take the chunk lock (waits at most [`CHUNK_LOCK_WAIT`] for a concurrent writer of the
+//!    same chunk, then `Conflict`), re-read the manifest, return `already_stored = true` if
+//!    that writer stored it meanwhile. A complete or aborted upload is `Conflict` too. The
+//!    write's descriptors are registered (`inflight`) so that a PHP bailout cannot keep them.
 //! 3. Stream the source in blocks of 1 MiB into the data file at the chunk's offset, hashing
 //!    only when a `sha256:` checksum was given; read at most `expected + 1` bytes.
 //! 4. Verify the length and the checksum. On failure nothing is marked: the chunk stays
