@@ -177,7 +177,8 @@ function storage_dir(): string
 {
     $dir = (string)ini_get('upload_progress.storage_dir');
     if ($dir === '') {
-        $dir = rtrim(sys_get_temp_dir(), '/') . '/upload-progress';
+        // the extension's per-user default (free space only: a missing dir walks up to /tmp)
+        $dir = rtrim(sys_get_temp_dir(), '/') . '/upload-progress' . (function_exists('posix_geteuid') ? '-' . posix_geteuid() : '');
     }
     return $dir;
 }
