@@ -400,7 +400,7 @@ async fn tls_bridge() {
         use crate::storage::{RedisStateOptions, Store, StoreOptions};
         let root = tempfile::tempdir().unwrap();
         let store = Store::new(StoreOptions {
-            root: root.path().to_path_buf(),
+            root: root.path().join("store"), // created 0700 (a TempDir is 0755)
             default_chunk_size: 2,
             max_upload_size: 0,
             expire_seconds: 60,
