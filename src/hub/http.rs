@@ -15,6 +15,7 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
 
 use super::redis::{dispatch, Op};
+use super::replay::Seen;
 use super::state::data_seq;
 use super::{lock, ws, Hub, Metrics};
 use crate::protocol::pusher;
@@ -30,6 +31,10 @@ const MAX_EVENT_CHANNELS: usize = 100;
 const MAX_BATCH: usize = 10;
 /// Accepted clock skew of `auth_timestamp`.
 const MAX_SKEW_S: i64 = 600;
+/// Signatures of the events API remembered at most (within the skew window).
+pub(crate) const MAX_SIGNATURES: usize = 200_000;
+const REPLAYED: &str =
+    "replayed request: this signature was already accepted (sign every request anew)";
 
 pub(crate) async fn accept_loop(
     hub: Arc<Hub>,
@@ -68,6 +73,7 @@ pub(crate) struct Request {
     ws_key: Option<String>,
     ws_version: Option<String>,
     origin: Option<String>,
+    host: Option<String>,
     content_length: Option<usize>,
     chunked: bool,
     /// Bytes read past the head (start of the body or of the first frames).
@@ -108,6 +114,8 @@ fn parse_head(buf: &[u8]) -> Result<Option<Request>, String> {
             r.ws_version = Some(v);
         } else if name.eq_ignore_ascii_case("origin") {
             r.origin = Some(v);
+        } else if name.eq_ignore_ascii_case("host") {
+            r.host = Some(v);
         } else if name.eq_ignore_ascii_case("content-length") {
             r.content_length = Some(
                 v.parse()
@@ -153,6 +161,7 @@ fn reason(status: u16) -> &'static str {
         411 => "Length Required",
         413 => "Payload Too Large",
         426 => "Upgrade Required",
+        429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         503 => "Service Unavailable",
         _ => "Error",
@@ -288,7 +297,10 @@ async fn websocket(hub: Arc<Hub>, mut s: TcpStream, req: Request, key: String) {
         .await;
         return;
     }
-    if !hub.cfg.origin_allowed(req.origin.as_deref()) {
+    if !hub
+        .cfg
+        .origin_allowed(req.origin.as_deref(), req.host.as_deref())
+    {
         let msg = format!(
             "origin {:?} is not allowed",
             req.origin.as_deref().unwrap_or("")
@@ -362,7 +374,8 @@ fn hex_val(c: u8) -> Option<u8> {
     (c as char).to_digit(16).map(|d| d as u8)
 }
 
-/// Checks Pusher request signing; Err is the 401 message.
+/// Checks Pusher request signing; Ok is the signature and its timestamp, Err
+/// the 401 message.
 pub(crate) fn check_signature(
     hub: &Hub,
     method: &str,
@@ -370,7 +383,7 @@ pub(crate) fn check_signature(
     query: &str,
     body: &[u8],
     now_s: i64,
-) -> Result<(), String> {
+) -> Result<(String, i64), String> {
     let mut params: Vec<(String, String)> = query
         .split('&')
         .filter(|kv| !kv.is_empty())
@@ -413,7 +426,7 @@ pub(crate) fn check_signature(
     let q: Vec<String> = params.iter().map(|(k, v)| format!("{k}={v}")).collect();
     let to_sign = format!("{method}\n{path}\n{}", q.join("&"));
     if pusher::verify(&hub.cfg.app_secret, &to_sign, &signature) {
-        Ok(())
+        Ok((signature, ts))
     } else {
         Err(format!(
             "invalid signature: expected the HMAC-SHA256 hex of {to_sign:?} keyed by the app secret"
@@ -535,8 +548,31 @@ async fn events_api(
         }
     }
     let now_s = (super::now_ms() / 1000) as i64;
-    if let Err(m) = check_signature(hub, &req.method, &req.path, &req.query, &body, now_s) {
-        return (401, error_body(&m));
+    let (signature, ts) =
+        match check_signature(hub, &req.method, &req.path, &req.query, &body, now_s) {
+            Ok(v) => v,
+            Err(m) => return (401, error_body(&m)),
+        };
+    // Accepted once: the signature is remembered until its timestamp leaves
+    // the accepted window (shared through Redis when it is there).
+    let expires = ts + MAX_SKEW_S;
+    match lock(&hub.replay).check(&signature, expires, now_s) {
+        Seen::New => {}
+        Seen::Replay => return (401, error_body(REPLAYED)),
+        Seen::Full => {
+            return (
+                429,
+                error_body("too many signed requests within the last 10 minutes: retry later"),
+            )
+        }
+    }
+    if let Some(b) = &hub.redis {
+        if b.first_seen_signature(&signature, (expires - now_s + 1).max(1) as u64)
+            .await
+            == Some(false)
+        {
+            return (401, error_body(REPLAYED));
+        }
     }
     let events: Vec<ApiEvent> = if batch {
         match serde_json::from_slice::<ApiBatch>(&body) {

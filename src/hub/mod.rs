@@ -20,6 +20,7 @@
 mod http;
 mod ingest;
 mod redis;
+mod replay;
 mod state;
 mod ws;
 
@@ -171,6 +172,8 @@ pub(crate) struct Hub {
     pub m: Metrics,
     /// The Redis bridge, when `redis_url` is set (and valid).
     pub redis: Option<Arc<redis::Bridge>>,
+    /// Events API signatures already accepted.
+    pub replay: Mutex<replay::Signatures>,
     next_id: AtomicU64,
     seed: u64,
     pub stopping: AtomicBool,
@@ -387,6 +390,7 @@ pub(crate) async fn serve(
         conns: Mutex::new(HashMap::new()),
         m: Metrics::default(),
         redis: bridge,
+        replay: Mutex::new(replay::Signatures::new(http::MAX_SIGNATURES)),
         next_id: AtomicU64::new(1),
         seed,
         stopping: AtomicBool::new(false),

@@ -512,6 +512,33 @@ impl Bridge {
         self.wake.notify_one();
     }
 
+    /// SET NX EX of an events API signature: Some(false) when another hub (or
+    /// this one) already accepted it; None when Redis is not usable (the
+    /// per-hub memory still refuses local replays).
+    pub async fn first_seen_signature(&self, signature: &str, ttl_s: u64) -> Option<bool> {
+        if !self.connected.load(Ordering::SeqCst) {
+            return None;
+        }
+        let mut c = self.current()?;
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(format!("{}sig:{}", self.keys.prefix, signature.trim()))
+            .arg("1")
+            .arg("NX")
+            .arg("EX")
+            .arg(ttl_s);
+        match tokio::time::timeout(self.timeout, c.query::<Option<String>>(&cmd)).await {
+            Ok(Ok(r)) => Some(r.is_some()),
+            Ok(Err(e)) => {
+                self.failed("remembering a signature", &e);
+                None
+            }
+            Err(_) => {
+                self.failed("remembering a signature", &"timed out");
+                None
+            }
+        }
+    }
+
     /// The latest event data of an upload as Redis knows it (for `progress()`).
     pub async fn latest_upload_data(&self, upload_id: &str) -> Option<String> {
         let (_, data, _) = self.fetch_latest(&upload_channel(upload_id)).await?;

@@ -41,6 +41,9 @@ fn config() -> Config {
         expire_seconds: 86400,
         activity_timeout: 30,
         max_connections: 0,
+        max_pending_handshakes: 0,
+        max_connections_per_ip: 0,
+        handshake_timeout: 0,
         redis_url: String::new(),
         php_binary: String::new(),
     }
@@ -589,6 +592,47 @@ async fn events_api() {
     hub.stop().await;
 }
 
+/// Attacker: captures one signed events API request (proxy log, shared host)
+/// and sends it again, byte for byte, within the 600 s window. Before: every
+/// copy was accepted and delivered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_api_refuses_replayed_requests() {
+    let hub = start().await;
+    let (mut ws, sid) = hub.ws().await;
+    subscribe(&mut ws, &sid, "api-ch").await;
+    let now = super::now_ms() / 1000;
+    let path = format!("/apps/{APP}/events");
+    let body = r#"{"name":"ev","channels":["api-ch"],"data":"once"}"#;
+    let req = signed("POST", &path, body, now, SECRET);
+    assert_eq!(hub.http(req.clone()).await.0, 200);
+    assert_eq!(recv(&mut ws).await["data"], "once");
+    for _ in 0..3 {
+        let (status, resp) = hub.http(req.clone()).await;
+        assert_eq!(status, 401, "{resp}");
+        let v: Value = serde_json::from_str(&resp).unwrap();
+        assert!(
+            v["error"].as_str().unwrap().contains("replayed request"),
+            "{resp}"
+        );
+    }
+    // A new signature (another timestamp) is a new request.
+    assert_eq!(
+        hub.http(signed("POST", &path, body, now - 1, SECRET))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(recv(&mut ws).await["data"], "once");
+    // Nothing else was delivered: the next message is the marker.
+    let marker = r#"{"name":"ev","channels":["api-ch"],"data":"marker"}"#;
+    assert_eq!(
+        hub.http(signed("POST", &path, marker, now, SECRET)).await.0,
+        200
+    );
+    assert_eq!(recv(&mut ws).await["data"], "marker");
+    hub.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_metrics_not_found() {
     let hub = start().await;
@@ -869,6 +913,7 @@ async fn session_future_is_small() {
         conns: Default::default(),
         m: Default::default(),
         redis: None,
+        replay: std::sync::Mutex::new(super::replay::Signatures::new(1)),
         next_id: Default::default(),
         seed: 0,
         stopping: Default::default(),
