@@ -51,13 +51,17 @@ impl Drop for Gauge<'_> {
     }
 }
 
+/// Connections from another uid arrive at flood speed: one line per 10 s.
+static REFUSED_LOG: super::RateLog = super::RateLog::new();
+static BAD_FRAME_LOG: super::RateLog = super::RateLog::new();
+
 async fn connection(hub: Arc<Hub>, mut s: UnixStream, mut down: watch::Receiver<bool>) {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
     match s.peer_cred() {
         Ok(c) if c.uid() == euid => {}
         Ok(c) => {
-            log(format_args!(
+            REFUSED_LOG.log(format_args!(
                 "ingest connection from uid {} refused (the hub runs as uid {euid})",
                 c.uid()
             ));
@@ -65,7 +69,7 @@ async fn connection(hub: Arc<Hub>, mut s: UnixStream, mut down: watch::Receiver<
             return;
         }
         Err(e) => {
-            log(format_args!("ingest connection without credentials: {e}"));
+            REFUSED_LOG.log(format_args!("ingest connection without credentials: {e}"));
             Metrics::add(&hub.m.ingest_errors, 1);
             return;
         }
@@ -83,7 +87,7 @@ async fn connection(hub: Arc<Hub>, mut s: UnixStream, mut down: watch::Receiver<
                     match ingest::decode(body) {
                         Ok(msg) => handle(&hub, msg, &mut reply).await,
                         Err(e) => {
-                            log(format_args!("ingest connection closed: {e}"));
+                            BAD_FRAME_LOG.log(format_args!("ingest connection closed: {e}"));
                             Metrics::add(&hub.m.ingest_errors, 1);
                             return;
                         }
@@ -92,7 +96,7 @@ async fn connection(hub: Arc<Hub>, mut s: UnixStream, mut down: watch::Receiver<
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    log(format_args!("ingest connection closed: {e}"));
+                    BAD_FRAME_LOG.log(format_args!("ingest connection closed: {e}"));
                     Metrics::add(&hub.m.ingest_errors, 1);
                     return;
                 }
