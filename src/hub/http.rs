@@ -16,7 +16,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use super::redis::{dispatch, Op};
 use super::replay::Seen;
-use super::state::data_seq;
+use super::state::refuse_published;
 use super::{lock, ws, Hub, Metrics};
 use crate::protocol::pusher;
 
@@ -482,6 +482,11 @@ fn check_event(e: ApiEvent) -> Result<Checked, (u16, String)> {
         Some(v) => v.to_string(),
         None => String::new(),
     };
+    for c in &channels {
+        if let Some(m) = refuse_published(c, &name, &data) {
+            return Err((403, m));
+        }
+    }
     if data.len() > MAX_EVENT_DATA {
         return Err((
             413,
@@ -598,11 +603,18 @@ async fn events_api(
     for e in events {
         match check_event(e) {
             Ok(c) => checked.push(c),
-            Err((status, m)) => return (status, error_body(&m)),
+            Err((status, m)) => {
+                if status == 403 {
+                    Metrics::add(&hub.m.published_refused, 1);
+                }
+                return (status, error_body(&m));
+            }
         }
     }
     for c in checked.iter() {
-        let seq = data_seq(&c.data);
+        // A seq in the data orders nothing (it would let a caller silence a
+        // channel); only the hub's upload events carry one.
+        let seq = None;
         for ch in &c.channels {
             dispatch(
                 hub,
@@ -634,7 +646,7 @@ pub(crate) fn metrics_text(hub: &Hub) -> String {
     let m = &hub.m;
     let redis = hub.redis.as_ref();
     let rget = |f: fn(&super::redis::Bridge) -> u64| redis.map_or(0, |b| f(b));
-    let rows: [(&str, &str, &str, u64); 15] = [
+    let rows: [(&str, &str, &str, u64); 17] = [
         (
             "connections",
             "gauge",
@@ -694,6 +706,18 @@ pub(crate) fn metrics_text(hub: &Hub) -> String {
             "counter",
             "Ingest connections closed for a malformed frame or a foreign uid.",
             Metrics::get(&m.ingest_errors),
+        ),
+        (
+            "tagged_refused_total",
+            "counter",
+            "Reports of plain requests tagged with the id of an Upload, dropped.",
+            Metrics::get(&m.tagged_refused),
+        ),
+        (
+            "published_refused_total",
+            "counter",
+            "Published events refused on upload channels (upload event name or a seq).",
+            Metrics::get(&m.published_refused),
         ),
         (
             "redis_connected",

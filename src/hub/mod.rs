@@ -99,6 +99,9 @@ fn signals() -> impl Future<Output = String> + Send {
     }
 }
 
+/// Upload ids remembered by `Hub::note_upload`.
+const MAX_UPLOADS_SEEN: usize = 100_000;
+
 /// Knobs that tests turn down; production uses `Tunables::default()`.
 #[derive(Debug, Clone)]
 pub(crate) struct Tunables {
@@ -148,6 +151,10 @@ pub(crate) struct Metrics {
     pub evictions: AtomicU64,
     pub ingest_connections: AtomicU64,
     pub ingest_errors: AtomicU64,
+    /// Body reports of plain tagged requests for an id that is an Upload.
+    pub tagged_refused: AtomicU64,
+    /// Published events refused on upload channels (reserved name or a seq).
+    pub published_refused: AtomicU64,
 }
 
 impl Metrics {
@@ -174,6 +181,9 @@ pub(crate) struct Hub {
     pub redis: Option<Arc<redis::Bridge>>,
     /// Events API signatures already accepted.
     pub replay: Mutex<replay::Signatures>,
+    /// Ids this hub saw Upload reports for (bounded; the storage directory
+    /// and the Redis state are the durable answer).
+    pub uploads_seen: Mutex<std::collections::HashSet<Box<str>>>,
     next_id: AtomicU64,
     seed: u64,
     pub stopping: AtomicBool,
@@ -197,6 +207,31 @@ impl Hub {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let r = splitmix64(self.seed ^ id.wrapping_mul(0x9e37_79b9_7f4a_7c15));
         (id, (r % 1_000_000_000) as u32)
+    }
+
+    /// Remembers that `id` is an Upload (its reports come from `Upload`).
+    pub fn note_upload(&self, id: &str) {
+        let mut seen = lock(&self.uploads_seen);
+        if seen.contains(id) {
+            return;
+        }
+        if seen.len() >= MAX_UPLOADS_SEEN {
+            // Forgetting is safe: the storage directory still answers.
+            seen.clear();
+        }
+        seen.insert(id.into());
+    }
+
+    /// True when `id` is an Upload: its reports came here, its directory is in
+    /// storage_dir (the Redis script checks the Redis state).
+    pub fn is_upload(&self, id: &str) -> bool {
+        if lock(&self.uploads_seen).contains(id) {
+            return true;
+        }
+        if id.is_empty() || id.contains('/') || id.starts_with('.') {
+            return false;
+        }
+        std::fs::symlink_metadata(self.cfg.storage_dir.join(id)).is_ok_and(|m| m.is_dir())
     }
 
     pub fn uptime_s(&self) -> u64 {
@@ -494,6 +529,7 @@ pub(crate) async fn serve(
         m: Metrics::default(),
         redis: bridge,
         replay: Mutex::new(replay::Signatures::new(http::MAX_SIGNATURES)),
+        uploads_seen: Mutex::new(std::collections::HashSet::new()),
         next_id: AtomicU64::new(1),
         seed,
         stopping: AtomicBool::new(false),

@@ -371,19 +371,173 @@ async fn presence_members() {
     hub.stop().await;
 }
 
+/// Attacker: app code (or a caller of the events API) publishes data with
+/// `"seq": 1e300`. Before: the hub took it as the channel's seq and dropped
+/// every later event there as stale (a silenced channel).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stale_seq_is_dropped() {
+async fn published_seq_orders_nothing() {
     let hub = start().await;
     let (mut ws, sid) = hub.ws().await;
     subscribe(&mut ws, &sid, "private-s").await;
     let mut ing = hub.ingest().await;
-    for seq in [10, 5, 10, 11] {
+    for seq in ["1e300", "10", "5", "10"] {
         let d = format!(r#"{{"seq":{seq}}}"#);
         send_ingest(&mut ing, &publish("private-s", "e", &d)).await;
     }
-    assert_eq!(data_of(&recv(&mut ws).await)["seq"], 10);
-    assert_eq!(data_of(&recv(&mut ws).await)["seq"], 11);
-    assert_eq!(hub.metric("events_dropped_total").await, 2);
+    for want in ["1e300", "10", "5", "10"] {
+        let got = recv(&mut ws).await;
+        assert_eq!(got["data"], format!(r#"{{"seq":{want}}}"#));
+    }
+    assert_eq!(hub.metric("events_dropped_total").await, 0);
+    hub.stop().await;
+}
+
+fn progress_of(id: &str, stream: u64, inflight: u64) -> IngestMessage {
+    IngestMessage::Progress(ProgressReport {
+        upload_id: id.into(),
+        stream,
+        bytes_total: 1000,
+        chunk_count: 2,
+        stored_bytes: 0,
+        chunks_done: 0,
+        inflight,
+    })
+}
+
+fn terminal_of(id: &str, event: &str) -> IngestMessage {
+    IngestMessage::Terminal {
+        upload_id: id.into(),
+        event: event.into(),
+        fields: r#"{"bytes_total":1}"#.into(),
+    }
+}
+
+/// Attacker: knows an Upload's id and sends a 1-byte POST to any PHP script
+/// with `?X-Progress-ID=<id>`. Before: the request's reports (progress,
+/// `complete`) went to `private-upload.<id>`, the channel ended, and the hub
+/// dropped the real chunk events after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tagged_requests_never_speak_on_an_upload_channel() {
+    let storage = tempfile::tempdir().unwrap();
+    let mut cfg = config();
+    cfg.storage_dir = storage.path().to_path_buf();
+    let hub = start_with(cfg, Tunables::default()).await;
+    let (mut ws, sid) = hub.ws().await;
+    let mut ing = hub.ingest().await;
+
+    // 1. An Upload the hub knows from its reports.
+    subscribe(&mut ws, &sid, "private-upload.up9").await;
+    send_ingest(&mut ing, &progress_of("up9", 1, 100)).await;
+    let m = recv(&mut ws).await;
+    assert_eq!(m["event"], "progress");
+    let first = data_of(&m)["seq"].as_u64().unwrap();
+    let forged_progress = progress_of("up9", 77, 1000).tagged_request();
+    send_ingest(&mut ing, &forged_progress).await;
+    send_ingest(&mut ing, &terminal_of("up9", "complete").tagged_request()).await;
+    send_ingest(&mut ing, &progress_of("up9", 1, 300)).await;
+    let m = recv(&mut ws).await;
+    assert_eq!(m["event"], "progress", "{m}");
+    let d = data_of(&m);
+    assert_eq!(
+        (d["bytes_done"].as_u64(), d["state"].as_str()),
+        (Some(300), Some("uploading"))
+    );
+    assert!(d["seq"].as_u64().unwrap() > first);
+
+    // 2. An Upload known only by its directory in storage_dir (no report yet).
+    std::fs::create_dir(storage.path().join("up8")).unwrap();
+    subscribe(&mut ws, &sid, "private-upload.up8").await;
+    send_ingest(&mut ing, &terminal_of("up8", "complete").tagged_request()).await;
+
+    // 3. A plain tagged request for an id that is no Upload still reports.
+    subscribe(&mut ws, &sid, "private-upload.plain1").await;
+    send_ingest(&mut ing, &progress_of("plain1", 5, 10).tagged_request()).await;
+    send_ingest(
+        &mut ing,
+        &terminal_of("plain1", "complete").tagged_request(),
+    )
+    .await;
+    let m = recv(&mut ws).await;
+    assert_eq!(
+        (m["event"].as_str(), m["channel"].as_str()),
+        (Some("progress"), Some("private-upload.plain1"))
+    );
+    let m = recv(&mut ws).await;
+    assert_eq!(
+        (m["event"].as_str(), m["channel"].as_str()),
+        (Some("complete"), Some("private-upload.plain1"))
+    );
+    // Nothing reached up8, and up9's latest is still the real progress.
+    assert_eq!(hub.metric("tagged_refused_total").await, 3);
+    let p = query(
+        &mut ing,
+        &IngestMessage::QueryProgress {
+            upload_id: "up9".into(),
+        },
+    )
+    .await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&p).unwrap()["bytes_done"],
+        300
+    );
+    let p = query(
+        &mut ing,
+        &IngestMessage::QueryProgress {
+            upload_id: "up8".into(),
+        },
+    )
+    .await;
+    assert_eq!(p, "");
+    hub.stop().await;
+}
+
+/// Attacker: `publish()` (or the events API) on `private-upload.<id>` with
+/// `complete`, or with a huge `seq`. Before: the published event became the
+/// channel's latest, replayed to new subscribers and returned by progress(),
+/// and its seq silenced the real events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn published_events_never_end_or_advance_an_upload_channel() {
+    let hub = start().await;
+    let (mut ws, sid) = hub.ws().await;
+    let mut ing = hub.ingest().await;
+    let ch = "private-upload.up7";
+    subscribe(&mut ws, &sid, ch).await;
+    send_ingest(&mut ing, &progress_of("up7", 1, 100)).await;
+    assert_eq!(recv(&mut ws).await["event"], "progress");
+    send_ingest(
+        &mut ing,
+        &publish(ch, "complete", r#"{"state":"complete"}"#),
+    )
+    .await;
+    send_ingest(&mut ing, &publish(ch, "progress", r#"{"bytes_done":999}"#)).await;
+    send_ingest(&mut ing, &publish(ch, "note", r#"{"seq":1e300}"#)).await;
+    // Another event name without a seq is delivered, but kept nowhere.
+    send_ingest(&mut ing, &publish(ch, "note", r#"{"text":"scanning"}"#)).await;
+    let m = recv(&mut ws).await;
+    assert_eq!(
+        (m["event"].as_str(), m["data"].as_str()),
+        (Some("note"), Some(r#"{"text":"scanning"}"#))
+    );
+    assert_eq!(hub.metric("published_refused_total").await, 3);
+    // The events API answers 403 for the same.
+    let now = super::now_ms() / 1000;
+    let path = format!("/apps/{APP}/events");
+    let body = format!(r#"{{"name":"aborted","channel":"{ch}","data":"{{}}"}}"#);
+    let (status, resp) = hub.http(signed("POST", &path, &body, now, SECRET)).await;
+    assert_eq!(status, 403, "{resp}");
+    assert!(resp.contains("reserved"), "{resp}");
+    // The upload goes on; a new subscriber gets the real latest event.
+    send_ingest(&mut ing, &progress_of("up7", 1, 200)).await;
+    let m = recv(&mut ws).await;
+    assert_eq!(data_of(&m)["bytes_done"], 200);
+    let (mut ws2, sid2) = hub.ws().await;
+    let sub = subscribe(&mut ws2, &sid2, ch).await;
+    assert_eq!(sub["event"], "pusher_internal:subscription_succeeded");
+    let m = recv(&mut ws2).await;
+    assert_eq!(
+        (m["event"].as_str(), data_of(&m)["bytes_done"].as_u64()),
+        (Some("progress"), Some(200))
+    );
     hub.stop().await;
 }
 
@@ -914,6 +1068,7 @@ async fn session_future_is_small() {
         m: Default::default(),
         redis: None,
         replay: std::sync::Mutex::new(super::replay::Signatures::new(1)),
+        uploads_seen: Default::default(),
         next_id: Default::default(),
         seed: 0,
         stopping: Default::default(),
