@@ -14,6 +14,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
 
+use super::limits::{Admit, Slot};
 use super::redis::{dispatch, Op};
 use super::replay::Seen;
 use super::state::refuse_published;
@@ -36,6 +37,9 @@ pub(crate) const MAX_SIGNATURES: usize = 200_000;
 const REPLAYED: &str =
     "replayed request: this signature was already accepted (sign every request anew)";
 
+/// Refusals arrive at flood speed: one log line per 10 s.
+static REFUSED_LOG: super::RateLog = super::RateLog::new();
+
 pub(crate) async fn accept_loop(
     hub: Arc<Hub>,
     listener: TcpListener,
@@ -48,9 +52,40 @@ pub(crate) async fn accept_loop(
             r = listener.accept() => r,
         };
         match r {
-            Ok((s, _)) => {
-                let _ = s.set_nodelay(true);
-                tokio::spawn(handle(hub.clone(), s));
+            Ok((s, addr)) => {
+                let mut tries = 0;
+                let slot = loop {
+                    match hub.limits.admit(addr.ip()) {
+                        Admit::Ok(slot) => break Some(slot),
+                        Admit::Refuse(why) => {
+                            REFUSED_LOG
+                                .log(format_args!("connection from {} refused: {why}", addr.ip()));
+                            break None;
+                        }
+                        Admit::Wait if tries < 5 => {
+                            // An old pending connection was told to close.
+                            tries += 1;
+                            hub.limits.wait_freed(Duration::from_millis(20)).await;
+                        }
+                        Admit::Wait => {
+                            REFUSED_LOG.log(format_args!(
+                                "connection from {} refused: no descriptor freed in time",
+                                addr.ip()
+                            ));
+                            break None;
+                        }
+                    }
+                };
+                match slot {
+                    Some(slot) => {
+                        let _ = s.set_nodelay(true);
+                        tokio::spawn(handle(hub.clone(), s, slot));
+                    }
+                    None => {
+                        Metrics::add(&hub.m.tcp_refused, 1);
+                        drop(s);
+                    }
+                }
             }
             Err(e) => {
                 let pause = super::accept_failed("accept", &e, &mut last_log);
@@ -203,9 +238,17 @@ async fn respond_json(s: &mut TcpStream, status: u16, body: &str) {
     respond(s, status, "application/json", "", body).await;
 }
 
-async fn handle(hub: Arc<Hub>, mut s: TcpStream) {
+async fn handle(hub: Arc<Hub>, mut s: TcpStream, slot: Slot) {
     let deadline = tokio::time::Instant::now() + hub.tun.handshake_timeout;
-    let req = match tokio::time::timeout_at(deadline, read_head(&mut s)).await {
+    let head = tokio::select! {
+        r = tokio::time::timeout_at(deadline, read_head(&mut s)) => r,
+        _ = slot.evicted() => {
+            // Closed to make room for a newer connection.
+            Metrics::add(&hub.m.pending_evicted, 1);
+            return;
+        }
+    };
+    let req = match head {
         Err(_) => {
             respond_json(
                 &mut s,
@@ -229,15 +272,22 @@ async fn handle(hub: Arc<Hub>, mut s: TcpStream) {
     };
     if let Some(key) = req.path.strip_prefix("/app/") {
         let key = key.trim_end_matches('/').to_string();
-        websocket(hub, s, req, key).await;
+        slot.established();
+        websocket(hub, s, req, key, slot).await;
         return;
+    }
+    if !req.path.starts_with("/apps/") {
+        slot.established();
     }
     match (req.method.as_str(), req.path.as_str()) {
         ("GET" | "HEAD", "/health") => {
+            let (tcp, pending) = hub.limits.counts();
             let body = serde_json::json!({
                 "status": "ok",
                 "version": hub.version,
                 "connections": Metrics::get(&hub.m.connections),
+                "tcp_connections": tcp,
+                "pending_handshakes": pending,
                 "uptime_s": hub.uptime_s(),
             })
             .to_string();
@@ -256,7 +306,14 @@ async fn handle(hub: Arc<Hub>, mut s: TcpStream) {
         }
         (method, path) if path.starts_with("/apps/") => {
             let (status, body) = if method == "POST" {
-                events_api(&hub, &mut s, &req, deadline).await
+                // Pending (evictable) until its body is in.
+                tokio::select! {
+                    r = events_api(&hub, &mut s, &req, deadline) => r,
+                    _ = slot.evicted() => {
+                        Metrics::add(&hub.m.pending_evicted, 1);
+                        return;
+                    }
+                }
             } else {
                 (405, error_body("only POST is supported on /apps/"))
             };
@@ -274,7 +331,7 @@ fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
-async fn websocket(hub: Arc<Hub>, mut s: TcpStream, req: Request, key: String) {
+async fn websocket(hub: Arc<Hub>, mut s: TcpStream, req: Request, key: String, slot: Slot) {
     if req.method != "GET" || !req.upgrade_ws || req.ws_key.is_none() {
         respond(
             &mut s,
@@ -324,28 +381,42 @@ async fn websocket(hub: Arc<Hub>, mut s: TcpStream, req: Request, key: String) {
     } else {
         WebSocketStream::from_partially_read(s, rest, Role::Server, cfg).await
     };
+    // The slot (the descriptor's place in the budget) lives as long as the socket.
     if key != hub.cfg.app_key {
         let msg = format!("App key {key:?} does not exist on this hub");
-        tokio::spawn(ws::reject(stream, 4001, msg));
+        tokio::spawn(async move {
+            ws::reject(stream, 4001, msg).await;
+            drop(slot)
+        });
         return;
     }
     if let Some(p) = protocol {
         if !(5..=7).contains(&p) {
             let msg = format!("Unsupported protocol version {p}: 7 is expected");
-            tokio::spawn(ws::reject(stream, 4007, msg));
+            tokio::spawn(async move {
+                ws::reject(stream, 4007, msg).await;
+                drop(slot)
+            });
             return;
         }
     }
     match ws::register(&hub) {
         Some(conn) => {
-            tokio::spawn(ws::session(hub, stream, conn));
+            tokio::spawn(async move {
+                ws::session(hub, stream, conn).await;
+                drop(slot)
+            });
         }
         None => {
-            tokio::spawn(ws::reject(
-                stream,
-                4100,
-                "Over capacity: too many connections".to_string(),
-            ));
+            tokio::spawn(async move {
+                ws::reject(
+                    stream,
+                    4100,
+                    "Over capacity: too many connections".to_string(),
+                )
+                .await;
+                drop(slot)
+            });
         }
     }
 }
@@ -646,7 +717,7 @@ pub(crate) fn metrics_text(hub: &Hub) -> String {
     let m = &hub.m;
     let redis = hub.redis.as_ref();
     let rget = |f: fn(&super::redis::Bridge) -> u64| redis.map_or(0, |b| f(b));
-    let rows: [(&str, &str, &str, u64); 17] = [
+    let rows: [(&str, &str, &str, u64); 19] = [
         (
             "connections",
             "gauge",
@@ -706,6 +777,18 @@ pub(crate) fn metrics_text(hub: &Hub) -> String {
             "counter",
             "Ingest connections closed for a malformed frame or a foreign uid.",
             Metrics::get(&m.ingest_errors),
+        ),
+        (
+            "tcp_refused_total",
+            "counter",
+            "TCP connections closed at accept: no descriptor to spare or too many from one address.",
+            Metrics::get(&m.tcp_refused),
+        ),
+        (
+            "pending_evicted_total",
+            "counter",
+            "Connections without a finished handshake closed to make room for newer ones.",
+            Metrics::get(&m.pending_evicted),
         ),
         (
             "tagged_refused_total",

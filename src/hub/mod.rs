@@ -19,6 +19,7 @@
 
 mod http;
 mod ingest;
+mod limits;
 mod redis;
 mod replay;
 mod state;
@@ -67,6 +68,10 @@ pub fn run(opts: HubOptions) -> Result<(), String> {
         .thread_name("upload-progress-hub")
         .build()
         .map_err(|e| format!("cannot start the hub runtime: {e}"))?;
+    // A hub under FPM inherits its soft limit (1024 under systemd, 64 seen in
+    // the wild); every WebSocket costs a descriptor.
+    let fds = limits::raise_fd_limit();
+    log(format_args!("descriptor limit {fds}"));
     let res = rt.block_on(async {
         let stop = signals();
         serve(opts, None, Tunables::default(), stop).await
@@ -123,6 +128,11 @@ pub(crate) struct Tunables {
     pub redis_ping_every: Duration,
     /// Deadline of one Redis command (and of a connect, twice this).
     pub redis_timeout: Duration,
+    /// The descriptor limit to plan with (None: the process's soft limit).
+    pub fd_limit: Option<u64>,
+    /// Count loopback clients per address too (tests; in production loopback
+    /// is a proxy on the host).
+    pub count_loopback_per_ip: bool,
 }
 
 impl Default for Tunables {
@@ -137,6 +147,8 @@ impl Default for Tunables {
             close_spread: Duration::from_millis(1000),
             redis_ping_every: Duration::from_secs(1),
             redis_timeout: Duration::from_secs(2),
+            fd_limit: None,
+            count_loopback_per_ip: false,
         }
     }
 }
@@ -153,6 +165,10 @@ pub(crate) struct Metrics {
     pub ingest_errors: AtomicU64,
     /// Body reports of plain tagged requests for an id that is an Upload.
     pub tagged_refused: AtomicU64,
+    /// TCP connections closed at accept (no descriptor to spare, per-address cap).
+    pub tcp_refused: AtomicU64,
+    /// Pending connections closed to make room for newer ones.
+    pub pending_evicted: AtomicU64,
     /// Published events refused on upload channels (reserved name or a seq).
     pub published_refused: AtomicU64,
 }
@@ -184,6 +200,8 @@ pub(crate) struct Hub {
     /// Ids this hub saw Upload reports for (bounded; the storage directory
     /// and the Redis state are the durable answer).
     pub uploads_seen: Mutex<std::collections::HashSet<Box<str>>>,
+    /// The descriptor budget of TCP clients.
+    pub limits: Arc<limits::Limits>,
     next_id: AtomicU64,
     seed: u64,
     pub stopping: AtomicBool,
@@ -477,6 +495,16 @@ pub(crate) async fn serve(
         ingest,
         watch_pid,
     } = opts;
+    let mut tun = tun;
+    if config.handshake_timeout > 0 {
+        tun.handshake_timeout = Duration::from_secs(config.handshake_timeout.min(3600));
+    }
+    let budget = limits::Budget::derive(
+        tun.fd_limit.unwrap_or_else(limits::fd_limit),
+        config.max_connections,
+        config.max_pending_handshakes,
+        config.max_connections_per_ip,
+    );
     let tcp = match listener {
         Some(l) => {
             l.set_nonblocking(true)
@@ -518,6 +546,7 @@ pub(crate) async fn serve(
             }
         }
     };
+    let count_loopback = tun.count_loopback_per_ip;
     let hub = Arc::new(Hub {
         cfg: config,
         version,
@@ -530,18 +559,25 @@ pub(crate) async fn serve(
         redis: bridge,
         replay: Mutex::new(replay::Signatures::new(http::MAX_SIGNATURES)),
         uploads_seen: Mutex::new(std::collections::HashSet::new()),
+        limits: limits::Limits::new(budget, count_loopback),
         next_id: AtomicU64::new(1),
         seed,
         stopping: AtomicBool::new(false),
         stop_tx,
     });
+    let b = hub.limits.budget;
     log(format_args!(
-        "version {} started, listening on {} (app id {:?}, max_connections {}, activity_timeout {} s)",
+        "version {} started, listening on {} (app id {:?}, activity_timeout {} s; {} descriptors: {} kept in reserve, {} TCP clients, max_connections {}, max_pending_handshakes {}, max_connections_per_ip {})",
         hub.version,
         hub.listen_addr,
         hub.cfg.app_id,
-        hub.cfg.max_connections,
-        hub.cfg.activity_timeout
+        hub.cfg.activity_timeout,
+        b.fd_limit,
+        b.reserve,
+        b.tcp,
+        b.websockets,
+        b.pending,
+        b.per_ip
     ));
 
     let (down_tx, down_rx) = watch::channel(false);
