@@ -8,7 +8,7 @@ use once_cell::sync::OnceCell;
 use std::path::PathBuf;
 
 /// Name and default of every directive, in the order `php --ri` shows them.
-pub const DIRECTIVES: [(&str, &str); 18] = [
+pub const DIRECTIVES: [(&str, &str); 21] = [
     ("upload_progress.enabled", "1"),
     ("upload_progress.storage_dir", ""),
     ("upload_progress.hub", "auto"),
@@ -17,7 +17,7 @@ pub const DIRECTIVES: [(&str, &str); 18] = [
     ("upload_progress.app_id", ""),
     ("upload_progress.app_key", ""),
     ("upload_progress.app_secret", ""),
-    ("upload_progress.allowed_origins", "*"),
+    ("upload_progress.allowed_origins", ""),
     ("upload_progress.progress_param", "X-Progress-ID"),
     ("upload_progress.min_interval_ms", "100"),
     ("upload_progress.chunk_size", "8388608"),
@@ -25,6 +25,9 @@ pub const DIRECTIVES: [(&str, &str); 18] = [
     ("upload_progress.expire_seconds", "86400"),
     ("upload_progress.activity_timeout", "30"),
     ("upload_progress.max_connections", "0"),
+    ("upload_progress.max_pending_handshakes", "0"),
+    ("upload_progress.max_connections_per_ip", "256"),
+    ("upload_progress.handshake_timeout", "10"),
     ("upload_progress.redis_url", ""),
     ("upload_progress.php_binary", ""),
 ];
@@ -35,7 +38,7 @@ macro_rules! system {
     };
 }
 
-static INI_ENTRIES: IniEntryDefs<19> = IniEntryDefs::new([
+static INI_ENTRIES: IniEntryDefs<22> = IniEntryDefs::new([
     system!(c"upload_progress.enabled", c"1"),
     system!(c"upload_progress.storage_dir", c""),
     system!(c"upload_progress.hub", c"auto"),
@@ -44,7 +47,7 @@ static INI_ENTRIES: IniEntryDefs<19> = IniEntryDefs::new([
     system!(c"upload_progress.app_id", c""),
     system!(c"upload_progress.app_key", c""),
     system!(c"upload_progress.app_secret", c""),
-    system!(c"upload_progress.allowed_origins", c"*"),
+    system!(c"upload_progress.allowed_origins", c""),
     system!(c"upload_progress.progress_param", c"X-Progress-ID"),
     system!(c"upload_progress.min_interval_ms", c"100"),
     system!(c"upload_progress.chunk_size", c"8388608"),
@@ -52,6 +55,9 @@ static INI_ENTRIES: IniEntryDefs<19> = IniEntryDefs::new([
     system!(c"upload_progress.expire_seconds", c"86400"),
     system!(c"upload_progress.activity_timeout", c"30"),
     system!(c"upload_progress.max_connections", c"0"),
+    system!(c"upload_progress.max_pending_handshakes", c"0"),
+    system!(c"upload_progress.max_connections_per_ip", c"256"),
+    system!(c"upload_progress.handshake_timeout", c"10"),
     system!(c"upload_progress.redis_url", c""),
     system!(c"upload_progress.php_binary", c""),
     IniEntryDef::end(),
@@ -163,6 +169,9 @@ pub fn build_config(values: &[(String, String)]) -> Config {
         expire_seconds: u64_value(get("upload_progress.expire_seconds"), 86400),
         activity_timeout: u64_value(get("upload_progress.activity_timeout"), 30),
         max_connections: u64_value(get("upload_progress.max_connections"), 0),
+        max_pending_handshakes: u64_value(get("upload_progress.max_pending_handshakes"), 0),
+        max_connections_per_ip: u64_value(get("upload_progress.max_connections_per_ip"), 256),
+        handshake_timeout: u64_value(get("upload_progress.handshake_timeout"), 10),
         redis_url: get("upload_progress.redis_url").trim().to_owned(),
         php_binary: get("upload_progress.php_binary").trim().to_owned(),
     }

@@ -297,7 +297,7 @@ fn on_body_read(n: usize) {
             .and_then(|mut t| t.as_mut().map(|t| t.on_read(n, Instant::now())))
     });
     for m in messages.unwrap_or_default() {
-        send(&m);
+        send(&m.tagged_request());
     }
 }
 
@@ -322,7 +322,7 @@ fn on_multipart_end() {
             .and_then(|mut t| t.as_mut().map(BodyTracker::on_parsed_end))
     });
     for m in messages.unwrap_or_default() {
-        send(&m);
+        send(&m.tagged_request());
     }
 }
 
@@ -434,7 +434,7 @@ fn end_of_request_body() {
     let tracker = TRACKER.with(|t| t.try_borrow_mut().ok().and_then(|mut t| t.take()));
     if let Some(mut tracker) = tracker {
         for m in tracker.abandon() {
-            send(&m);
+            send(&m.tagged_request());
         }
     }
 }
