@@ -1,10 +1,11 @@
 //! Settings of the extension, read once per process from php.ini (see
 //! `php/ini.rs`) and shared by the recorder, the storage and the hub.
 
+use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
 /// `upload_progress.hub`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HubMode {
     /// Workers spawn the hub when none runs.
     Auto,
@@ -37,7 +38,9 @@ impl HubMode {
 pub const DEFAULT_APP_ID: &str = "upload-progress";
 pub const DEFAULT_APP_KEY: &str = "upload-progress";
 
-#[derive(Debug, Clone)]
+/// Serializable so that a spawned hub receives exactly the settings of the
+/// worker that spawned it (see `recorder::spawn`), not a re-parse of them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Config {
     pub enabled: bool,
     pub storage_dir: PathBuf,
