@@ -86,7 +86,11 @@ pub fn redacted_list(value: &str) -> String {
 /// for any line that leaves the process (logs, hub_status, phpinfo).
 pub fn scrub(text: &str, redis_url: &str, app_secret: &str) -> String {
     let mut out = text.to_owned();
-    for part in redis_url.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+    for part in redis_url
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+    {
         out = out.replace(part, &redacted(part));
         // The credentials alone, wherever they were quoted.
         let after = part.find("://").map_or(0, |i| i + 3);

@@ -27,11 +27,11 @@ pub unsafe extern "C" fn module_info(module: *mut ModuleEntry) {
                     )
                 } else if let Some(err) = m.get("error").and_then(serde_json::Value::as_str) {
                     format!("not running: {err}")
-                } else if let Some(err) = m.get("spawn_error").and_then(serde_json::Value::as_str)
-                {
+                } else if let Some(err) = m.get("spawn_error").and_then(serde_json::Value::as_str) {
                     format!(
                         "not running: the last hub exited: {err}; next start in {} s",
-                        m.get("next_spawn_in_s").map_or("0".into(), ToString::to_string)
+                        m.get("next_spawn_in_s")
+                            .map_or("0".into(), ToString::to_string)
                     )
                 } else {
                     "not running".to_owned()

@@ -4,9 +4,9 @@ use crate::config::{parse_origins, Config, HubMode, DEFAULT_APP_ID, DEFAULT_APP_
 use crate::secret;
 use ext_php_rs::ffi::{php_output_write, zend_ini_entry};
 use ext_php_rs::flags::IniEntryPermission;
-use std::ffi::c_int;
 use ext_php_rs::zend::{ExecutorGlobals, IniEntryDef, IniEntryDefs};
 use once_cell::sync::OnceCell;
+use std::ffi::c_int;
 use std::path::PathBuf;
 
 /// Name and default of every directive, in the order `php --ri` shows them.
@@ -92,8 +92,9 @@ unsafe extern "C" fn display_masked(entry: *mut zend_ini_entry, kind: c_int) {
         };
         let string = |z: *mut ext_php_rs::ffi::zend_string| -> String {
             // SAFETY: ini names and values are live zend_strings or null.
-            unsafe { z.as_ref() }
-                .map_or_else(String::new, |z| String::from_utf8_lossy(z.as_bytes()).into_owned())
+            unsafe { z.as_ref() }.map_or_else(String::new, |z| {
+                String::from_utf8_lossy(z.as_bytes()).into_owned()
+            })
         };
         let shown = masked_value(&string(entry.name), &string(value));
         let as_text = crate::php::sapi::get()

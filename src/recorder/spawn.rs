@@ -523,7 +523,11 @@ mod tests {
         let fds: Vec<&str> = lines.get(2).unwrap_or(&"").split_whitespace().collect();
         // 0-4 and the one `ls` opens for /proc/self/fd.
         assert!(fds.len() <= 6, "leaked descriptors: {fds:?}");
-        assert_eq!(lines.get(3), Some(&"600"), "log mode whatever the umask: {text}");
+        assert_eq!(
+            lines.get(3),
+            Some(&"600"),
+            "log mode whatever the umask: {text}"
+        );
     }
 
     #[test]
