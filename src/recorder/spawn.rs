@@ -378,7 +378,7 @@ pub fn spawn(spec: &SpawnSpec) -> io::Result<SpawnOutcome> {
                 libc::signal(sig, libc::SIG_DFL);
             }
             let null = libc::open(devnull.as_ptr(), libc::O_RDWR);
-            if null >= 0 && null != 0 {
+            if null > 0 {
                 libc::dup2(null, 0);
             }
             if libc::dup2(lfd, INGEST_FD) < 0 {
