@@ -46,10 +46,12 @@ impl Hub {
         }
         if cfg.app_secret.is_empty() {
             // An empty HMAC key would let anyone sign private subscriptions.
-            return Err(exception(format!(
-                "Hub::run(): no app secret: set upload_progress.app_secret or make {} writable",
+            let why = format!(
+                "no app secret: set upload_progress.app_secret or make {} writable",
                 cfg.storage_dir.display()
-            )));
+            );
+            let _ = spawn::with_state(&cfg.hub_file("spawn"), |s| s.exited(&why));
+            return Err(exception(format!("Hub::run(): {why}")));
         }
         let listener = match spawn::inherited_listener() {
             Some(fd) => fd,
