@@ -214,6 +214,13 @@ fn maybe_spawn(last_spawn: &mut Option<Instant>) {
                 st.exited(&foreign_message(*uid));
                 st.logged = true; // reported below, once
             }
+            // Counted as a failed spawn (backoff), and logged once from the state.
+            Ok(SpawnOutcome::NotAccepting) => st.exited(&format!(
+                "the ingest socket {} is bound by a process that does not accept \
+                 connections (not a hub of this user); set upload_progress.hub_socket \
+                 to a path in a directory only this user can write",
+                spec.socket_name
+            )),
             _ => st.undo_start(t),
         }
         outcome

@@ -52,6 +52,9 @@ pub enum SpawnOutcome {
     /// The socket name is held by a process of another uid: an error (no hub
     /// of ours can start under that name), never "a hub already runs".
     Foreign(u32),
+    /// The name is bound but nobody accepts on it (a squatter that does not
+    /// listen, whose uid cannot be read): an error too.
+    NotAccepting,
 }
 
 /// Opens (creating with 0600) a file of the hub in the storage root without
@@ -307,10 +310,16 @@ pub fn spawn(spec: &SpawnSpec) -> io::Result<SpawnOutcome> {
     let listener = match bind_listener(&spec.socket_name) {
         Ok(fd) => fd,
         Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => {
-            return Ok(match holder_uid(&spec.socket_name) {
-                Some(uid) if uid != own_uid() => SpawnOutcome::Foreign(uid),
-                _ => SpawnOutcome::AlreadyRunning,
-            })
+            // Our own spawners listen right after bind: give one a moment.
+            let holder = holder_uid(&spec.socket_name).or_else(|| {
+                std::thread::sleep(Duration::from_millis(20));
+                holder_uid(&spec.socket_name)
+            });
+            return Ok(match holder {
+                Some(uid) if uid == own_uid() => SpawnOutcome::AlreadyRunning,
+                Some(uid) => SpawnOutcome::Foreign(uid),
+                None => SpawnOutcome::NotAccepting,
+            });
         }
         Err(e) => return Err(e),
     };
@@ -600,6 +609,30 @@ mod tests {
             libc::waitpid(pid, std::ptr::null_mut(), 0);
         }
         assert_eq!(outcome, SpawnOutcome::Foreign(65534));
+    }
+
+    #[test]
+    fn a_bound_name_nobody_accepts_on_is_an_error() {
+        let name = format!("@upload-progress-spawn-bound-{}", std::process::id());
+        let (addr, len) = sockaddr(&name).unwrap();
+        // SAFETY: a bound socket that never listens, closed at the end.
+        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
+        assert_eq!(
+            unsafe { libc::bind(fd, (&addr as *const libc::sockaddr_un).cast(), len) },
+            0
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let spec = SpawnSpec {
+            program: "/bin/true".into(),
+            args: vec![],
+            env: vec![],
+            log_path: dir.path().join("log").to_string_lossy().into_owned(),
+            socket_name: name,
+            config: None,
+        };
+        let outcome = spawn(&spec).unwrap();
+        unsafe { libc::close(fd) };
+        assert_eq!(outcome, SpawnOutcome::NotAccepting);
     }
 
     #[test]

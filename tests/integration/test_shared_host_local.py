@@ -131,6 +131,46 @@ def test_a_squatter_of_another_uid_gets_nothing_and_is_reported(make_stack):
     assert set(counts) == {0}, f"bytes the squatter received per connection: {counts}"
 
 
+BIND_ONLY = r"""
+import socket, sys, time
+l = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+l.bind("\0" + sys.argv[1][1:])
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_squatter_that_only_binds_the_name_is_reported_not_respawned_against(make_stack):
+    """Attacker: user nobody binds the hub's abstract name without listening (connects
+    are refused, so its uid cannot be read). Before: every worker took the refusal for
+    "no hub", tried to spawn one every second, met EADDRINUSE and took that for "a hub
+    is starting"; hub_status() just said "not running". Now the spawner calls it an
+    error, backs off, and hub_status() says why."""
+    prefix = nobody_prefix()
+    port = free_port()
+    name = default_hub_socket(port)
+    squatter = subprocess.Popen(prefix + [SYS_PYTHON, "-c", BIND_ONLY, name], stdout=subprocess.PIPE, text=True,
+                                cwd="/")
+    try:
+        assert squatter.stdout.readline().strip() == "ready"
+        s = make_stack(hub_port=port)
+        deadline = time.time() + 5
+        hub = {}
+        while time.time() < deadline:
+            status, body = get_json(f"{s.base_url}/t/status.php")
+            hub = body["hub"]
+            if hub.get("spawn_error"):
+                break
+            time.sleep(0.1)
+        assert hub["running"] is False, hub
+        assert "does not accept connections" in (hub.get("spawn_error") or ""), hub
+        assert hub.get("spawn_attempts", 0) >= 1 and hub.get("next_spawn_in_s", -1) >= 0, hub
+        assert read_hub_pid(s) is None
+    finally:
+        squatter.kill()
+        squatter.wait()
+
+
 def start_redis_with_password(run_dir, password):
     exe = shutil.which("redis-server")
     if not exe:
