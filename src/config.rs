@@ -1,10 +1,11 @@
 //! Settings of the extension, read once per process from php.ini (see
 //! `php/ini.rs`) and shared by the recorder, the storage and the hub.
 
+use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
 /// `upload_progress.hub`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HubMode {
     /// Workers spawn the hub when none runs.
     Auto,
@@ -37,7 +38,9 @@ impl HubMode {
 pub const DEFAULT_APP_ID: &str = "upload-progress";
 pub const DEFAULT_APP_KEY: &str = "upload-progress";
 
-#[derive(Debug, Clone)]
+/// Serializable so that a spawned hub receives exactly the settings of the
+/// worker that spawned it (see `recorder::spawn`), not a re-parse of them.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct Config {
     pub enabled: bool,
     pub storage_dir: PathBuf,
@@ -69,6 +72,34 @@ pub struct Config {
     pub redis_url: String,
     /// PHP CLI binary that runs the spawned hub; "" = found next to PHP_BINDIR.
     pub php_binary: String,
+}
+
+/// Debug output never shows the secret nor the Redis password.
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("enabled", &self.enabled)
+            .field("storage_dir", &self.storage_dir)
+            .field("hub", &self.hub)
+            .field("listen", &self.listen)
+            .field("hub_socket", &self.hub_socket)
+            .field("app_id", &self.app_id)
+            .field("app_key", &self.app_key)
+            .field(
+                "app_secret",
+                &if self.app_secret.is_empty() {
+                    ""
+                } else {
+                    "********"
+                },
+            )
+            .field("allowed_origins", &self.allowed_origins)
+            .field(
+                "redis_url",
+                &crate::redis_url::redacted_list(&self.redis_url),
+            )
+            .finish_non_exhaustive()
+    }
 }
 
 impl Config {
@@ -247,6 +278,35 @@ mod tests {
         let b = Config::default_hub_socket(1000, "127.0.0.1:6002");
         assert!(a.starts_with("@upload-progress-1000-"));
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn settings_survive_the_trip_to_the_hub_and_debug_hides_secrets() {
+        let cfg = Config {
+            enabled: true,
+            storage_dir: PathBuf::from("/srv/up loads;x"),
+            hub: HubMode::Auto,
+            listen: "127.0.0.1:6001".into(),
+            hub_socket: "@upload-progress-1-x".into(),
+            app_id: "off".into(),
+            app_key: "k;ey".into(),
+            app_secret: "se\"cr;et none".into(),
+            allowed_origins: vec!["none".into()],
+            progress_param: "X-Progress-ID".into(),
+            min_interval_ms: 100,
+            chunk_size: 1,
+            max_upload_size: 0,
+            expire_seconds: 1,
+            activity_timeout: 30,
+            max_connections: 0,
+            redis_url: "redis://:pw;1@r:6379".into(),
+            php_binary: String::new(),
+        };
+        let json = serde_json::to_vec(&cfg).unwrap();
+        let back: Config = serde_json::from_slice(&json).unwrap();
+        assert_eq!(back, cfg, "exactly the same settings, no INI re-parse");
+        let dbg = format!("{cfg:?}");
+        assert!(!dbg.contains("cr;et") && !dbg.contains("pw;1"), "{dbg}");
     }
 
     #[test]
