@@ -154,7 +154,9 @@ class Hub:
         self.port = free_port()
         self.sock = "@bench-%s-%d" % (name, os.getpid())
         self.storage = os.path.join(workdir, "hub-" + name)
-        os.makedirs(self.storage, exist_ok=True)
+        # The storage root must be the user's own and closed to group/other.
+        os.makedirs(self.storage, mode=0o700, exist_ok=True)
+        os.chmod(self.storage, 0o700)
         self.log = os.path.join(workdir, "hub-%s.log" % name)
         self.p = None
 
@@ -250,8 +252,12 @@ def make_data(n: int) -> bytes:
     return (block * reps)[:n]
 
 
+# The demo ties uploads to the session cookie that created them; the benchmark is one session.
+OWNER_COOKIE = "upload_owner=" + os.urandom(16).hex()
+
+
 def req(conn: http.client.HTTPConnection, method, path, body=None, headers=None):
-    conn.request(method, path, body=body, headers=headers or {})
+    conn.request(method, path, body=body, headers={"Cookie": OWNER_COOKIE, **(headers or {})})
     r = conn.getresponse()
     data = r.read()
     if r.status >= 300:
@@ -371,7 +377,7 @@ def upload_demo(st: Stack, data: memoryview, checksums):
 
     run_parallel(range(count), put)
     _, out = req(c, "POST", "/api/uploads/%s/complete" % uid, b"", {"Content-Type": "application/json"})
-    path = json.loads(out)["path"]
+    path = os.path.join(st.storage_dir, uid, "data")
     c.close()
     return path
 

@@ -1,10 +1,11 @@
 //! Settings of the extension, read once per process from php.ini (see
 //! `php/ini.rs`) and shared by the recorder, the storage and the hub.
 
+use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
 /// `upload_progress.hub`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HubMode {
     /// Workers spawn the hub when none runs.
     Auto,
@@ -37,7 +38,9 @@ impl HubMode {
 pub const DEFAULT_APP_ID: &str = "upload-progress";
 pub const DEFAULT_APP_KEY: &str = "upload-progress";
 
-#[derive(Debug, Clone)]
+/// Serializable so that a spawned hub receives exactly the settings of the
+/// worker that spawned it (see `recorder::spawn`), not a re-parse of them.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct Config {
     pub enabled: bool,
     pub storage_dir: PathBuf,
@@ -56,10 +59,47 @@ pub struct Config {
     pub max_upload_size: u64,
     pub expire_seconds: u64,
     pub activity_timeout: u64,
+    /// 0 = derived from the hub's fd limit.
     pub max_connections: u64,
+    /// TCP connections whose request head / WebSocket handshake is not done
+    /// yet; 0 = derived from the fd limit. The oldest is closed to make room.
+    pub max_pending_handshakes: u64,
+    /// TCP connections (pending and WebSocket) per client address, loopback
+    /// (a proxy on the host) excepted; 0 = no limit.
+    pub max_connections_per_ip: u64,
+    /// Seconds a new connection has to send its request head (and body); 0 = 10.
+    pub handshake_timeout: u64,
     pub redis_url: String,
     /// PHP CLI binary that runs the spawned hub; "" = found next to PHP_BINDIR.
     pub php_binary: String,
+}
+
+/// Debug output never shows the secret nor the Redis password.
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("enabled", &self.enabled)
+            .field("storage_dir", &self.storage_dir)
+            .field("hub", &self.hub)
+            .field("listen", &self.listen)
+            .field("hub_socket", &self.hub_socket)
+            .field("app_id", &self.app_id)
+            .field("app_key", &self.app_key)
+            .field(
+                "app_secret",
+                &if self.app_secret.is_empty() {
+                    ""
+                } else {
+                    "********"
+                },
+            )
+            .field("allowed_origins", &self.allowed_origins)
+            .field(
+                "redis_url",
+                &crate::redis_url::redacted_list(&self.redis_url),
+            )
+            .finish_non_exhaustive()
+    }
 }
 
 impl Config {
@@ -96,9 +136,10 @@ impl Config {
         ))
     }
 
-    /// True when `origin` (an `Origin` header value) may open a WebSocket.
-    pub fn origin_allowed(&self, origin: Option<&str>) -> bool {
-        origin_allowed(&self.allowed_origins, origin)
+    /// True when `origin` (an `Origin` header value) may open a WebSocket
+    /// whose request named `host` (the `Host` header).
+    pub fn origin_allowed(&self, origin: Option<&str>, host: Option<&str>) -> bool {
+        origin_allowed(&self.allowed_origins, origin, host)
     }
 }
 
@@ -109,27 +150,51 @@ pub fn parse_origins(list: &str) -> Vec<String> {
         .collect()
 }
 
+/// The host name of a `host[:port]` (IPv6 in brackets kept as `[::1]`),
+/// lower-cased.
+fn host_name(host_port: &str) -> String {
+    let hp = host_port.trim().to_ascii_lowercase();
+    if hp.starts_with('[') {
+        return hp
+            .split_once(']')
+            .map_or(hp.clone(), |(h, _)| format!("{h}]"));
+    }
+    hp.rsplit_once(':')
+        .filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit()))
+        .map_or(hp.clone(), |(h, _)| h.to_string())
+}
+
 /// Entries are hosts (`example.com`, `example.com:8080`, `*.example.com`) or
-/// whole origins (`https://example.com`); `*` allows all. A missing Origin
-/// (non-browser clients) is allowed: the header only protects browsers.
-pub fn origin_allowed(allowed: &[String], origin: Option<&str>) -> bool {
+/// whole origins (`https://example.com`); `*` allows all. An empty list (the
+/// default) allows an Origin whose host name equals the host name of the
+/// `Host` header the browser sent (ports are not compared: a page on
+/// `127.0.0.1:8080` may use a hub on `127.0.0.1:6001`, and behind a proxy the
+/// Host is the site's). A missing Origin (non-browser clients) is allowed:
+/// the header only protects browsers.
+pub fn origin_allowed(allowed: &[String], origin: Option<&str>, connected: Option<&str>) -> bool {
     if allowed.iter().any(|a| a == "*") {
         return true;
     }
     let Some(origin) = origin else { return true };
     let origin = origin.trim().to_ascii_lowercase();
     let host_port = origin.split("://").nth(1).unwrap_or(&origin);
-    let host = host_port
-        .rsplit_once(':')
-        .filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit()))
-        .map_or(host_port, |(h, _)| h);
+    let host_port = host_port.split('/').next().unwrap_or(host_port);
+    let host = host_name(host_port);
+    if allowed.is_empty() {
+        // Same host as the one the browser connected to; "null" (sandboxed
+        // pages, file://) never matches.
+        return match connected {
+            Some(c) => !host.is_empty() && host != "null" && host == host_name(c),
+            None => false,
+        };
+    }
     allowed.iter().any(|a| {
         if a.contains("://") {
             *a == origin
         } else if let Some(suffix) = a.strip_prefix("*.") {
             host.ends_with(&format!(".{suffix}"))
         } else {
-            a == host_port || a == host
+            a == host_port || *a == host
         }
     })
 }
@@ -150,15 +215,61 @@ mod tests {
     #[test]
     fn origins() {
         let list = parse_origins("example.com, *.corp.test ,https://x.io");
-        assert!(origin_allowed(&list, Some("https://example.com")));
-        assert!(origin_allowed(&list, Some("http://example.com:8080")));
-        assert!(origin_allowed(&list, Some("https://a.corp.test")));
-        assert!(origin_allowed(&list, Some("https://x.io")));
-        assert!(!origin_allowed(&list, Some("http://x.io")));
-        assert!(!origin_allowed(&list, Some("https://evil.com")));
-        assert!(!origin_allowed(&list, Some("https://corp.test.evil.com")));
-        assert!(origin_allowed(&list, None));
-        assert!(origin_allowed(&parse_origins("*"), Some("https://any")));
+        let h = Some("hub.test:6001");
+        assert!(origin_allowed(&list, Some("https://example.com"), h));
+        assert!(origin_allowed(&list, Some("http://example.com:8080"), h));
+        assert!(origin_allowed(&list, Some("https://a.corp.test"), h));
+        assert!(origin_allowed(&list, Some("https://x.io"), h));
+        assert!(!origin_allowed(&list, Some("http://x.io"), h));
+        assert!(!origin_allowed(&list, Some("https://evil.com"), h));
+        assert!(!origin_allowed(
+            &list,
+            Some("https://corp.test.evil.com"),
+            h
+        ));
+        assert!(origin_allowed(&list, None, h));
+        assert!(origin_allowed(&parse_origins("*"), Some("https://any"), h));
+    }
+
+    #[test]
+    fn default_origin_rule_is_same_host() {
+        // Before: the default was "*" and any site could open the hub's WebSocket.
+        let none = parse_origins("");
+        assert!(none.is_empty());
+        let page = Some("http://127.0.0.1:8080");
+        // The demo: page on :8080, hub on :6001 (ports are not compared).
+        assert!(origin_allowed(&none, page, Some("127.0.0.1:6001")));
+        // Proxied through nginx: the Host is the site's.
+        assert!(origin_allowed(
+            &none,
+            Some("https://app.example"),
+            Some("APP.example")
+        ));
+        assert!(origin_allowed(
+            &none,
+            Some("http://[::1]:8080"),
+            Some("[::1]:6001")
+        ));
+        assert!(!origin_allowed(
+            &none,
+            Some("https://evil.example"),
+            Some("127.0.0.1:6001")
+        ));
+        assert!(!origin_allowed(
+            &none,
+            Some("https://127.0.0.1.evil.example"),
+            Some("127.0.0.1")
+        ));
+        assert!(!origin_allowed(
+            &none,
+            Some("http://[::1]:8080"),
+            Some("[::2]:6001")
+        ));
+        assert!(!origin_allowed(&none, Some("null"), Some("null")));
+        assert!(!origin_allowed(&none, page, None));
+        assert!(!origin_allowed(&none, Some(""), Some("")));
+        // Non-browser clients send no Origin.
+        assert!(origin_allowed(&none, None, Some("127.0.0.1:6001")));
     }
 
     #[test]
@@ -167,6 +278,35 @@ mod tests {
         let b = Config::default_hub_socket(1000, "127.0.0.1:6002");
         assert!(a.starts_with("@upload-progress-1000-"));
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn settings_survive_the_trip_to_the_hub_and_debug_hides_secrets() {
+        let cfg = Config {
+            enabled: true,
+            storage_dir: PathBuf::from("/srv/up loads;x"),
+            hub: HubMode::Auto,
+            listen: "127.0.0.1:6001".into(),
+            hub_socket: "@upload-progress-1-x".into(),
+            app_id: "off".into(),
+            app_key: "k;ey".into(),
+            app_secret: "se\"cr;et none".into(),
+            allowed_origins: vec!["none".into()],
+            progress_param: "X-Progress-ID".into(),
+            min_interval_ms: 100,
+            chunk_size: 1,
+            max_upload_size: 0,
+            expire_seconds: 1,
+            activity_timeout: 30,
+            max_connections: 0,
+            redis_url: "redis://:pw;1@r:6379".into(),
+            php_binary: String::new(),
+        };
+        let json = serde_json::to_vec(&cfg).unwrap();
+        let back: Config = serde_json::from_slice(&json).unwrap();
+        assert_eq!(back, cfg, "exactly the same settings, no INI re-parse");
+        let dbg = format!("{cfg:?}");
+        assert!(!dbg.contains("cr;et") && !dbg.contains("pw;1"), "{dbg}");
     }
 
     #[test]

@@ -65,8 +65,52 @@ pub fn parse_redis_url(s: &str) -> Result<RedisSettings, String> {
 pub fn redacted(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
+        // Not a URL at all, yet something that looks like credentials.
+        (None, Some(at)) => format!("***@{}", &url[at + 1..]),
         _ => url.to_string(),
     }
+}
+
+/// A whole `upload_progress.redis_url` value (several comma-separated seed
+/// URLs) with every password hidden, for phpinfo, `hub_status()` and logs.
+/// A part that does not parse keeps only what precedes its credentials.
+pub fn redacted_list(value: &str) -> String {
+    value
+        .split(',')
+        .map(|part| redacted(part.trim()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `text` with the credentials of `redis_url` and the app secret replaced,
+/// for any line that leaves the process (logs, hub_status, phpinfo).
+pub fn scrub(text: &str, redis_url: &str, app_secret: &str) -> String {
+    let mut out = text.to_owned();
+    for part in redis_url
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+    {
+        out = out.replace(part, &redacted(part));
+        // The credentials alone, wherever they were quoted.
+        let after = part.find("://").map_or(0, |i| i + 3);
+        if let Some(at) = part.rfind('@').filter(|at| *at >= after) {
+            let userinfo = &part[after..at];
+            if !userinfo.is_empty() {
+                out = out.replace(userinfo, "***");
+            }
+            let password = userinfo.split_once(':').map_or("", |(_, p)| p);
+            // Too short a password would mask unrelated text; it cannot
+            // appear alone in the hub's own messages anyway.
+            if password.len() >= 3 {
+                out = out.replace(password, "***");
+            }
+        }
+    }
+    if !app_secret.is_empty() {
+        out = out.replace(app_secret, "********");
+    }
+    out
 }
 
 /// `up:<app>:`, the prefix of every key and pub/sub channel of one app.
@@ -102,6 +146,19 @@ mod tests {
         assert!(!e.contains("secret"), "{e}");
         assert_eq!(redacted("redis://u:pw@h:1/0"), "redis://***@h:1/0");
         assert_eq!(redacted("redis://h:1"), "redis://h:1");
+        assert_eq!(
+            redacted_list("redis://:p1@a:1, redis://u:p@2@b:2?cluster=1,redis://c:3"),
+            "redis://***@a:1,redis://***@b:2?cluster=1,redis://c:3"
+        );
+    }
+
+    #[test]
+    fn scrubbing() {
+        let url = "redis://:hunter2@r1:6379,redis://u:pw@r2:1";
+        let msg = format!("cannot connect to {url}: pw hunter2");
+        let s = scrub(&msg, url, "topsecret");
+        assert!(!s.contains("hunter2") && !s.contains(":pw@"), "{s}");
+        assert_eq!(scrub("k=topsecret", "", "topsecret"), "k=********");
     }
 
     #[test]

@@ -99,6 +99,23 @@ fn message() -> impl Strategy<Value = IngestMessage> {
     ]
 }
 
+/// Every message, and the body reports of plain tagged requests (kind 8).
+fn any_message() -> impl Strategy<Value = IngestMessage> {
+    prop_oneof![
+        3 => message(),
+        1 => message().prop_map(|m| m.tagged_request()),
+    ]
+}
+
+fn is_body_report(m: &IngestMessage) -> bool {
+    matches!(
+        m,
+        IngestMessage::Progress(_)
+            | IngestMessage::StreamEnd { .. }
+            | IngestMessage::Terminal { .. }
+    )
+}
+
 /// Drives the decoder the way the hub's ingest loop does: frame after frame out of
 /// one buffer, stopping at the first error or at an incomplete frame.
 fn drain(buf: &[u8]) -> Result<Vec<IngestMessage>, DecodeError> {
@@ -142,7 +159,7 @@ proptest! {
 
     /// Every message round-trips; a stream of several frames decodes to the same list.
     #[test]
-    fn encode_decode_roundtrip(msgs in proptest::collection::vec(message(), 1..6)) {
+    fn encode_decode_roundtrip(msgs in proptest::collection::vec(any_message(), 1..6)) {
         let mut buf = Vec::new();
         for m in &msgs {
             encode(m, &mut buf);
@@ -163,7 +180,7 @@ proptest! {
     /// A whole frame cut anywhere is "need more bytes", and a cut body is Truncated:
     /// never a wrong message and never a panic.
     #[test]
-    fn truncated_frames_wait_or_fail(m in message(), cut in any::<prop::sample::Index>()) {
+    fn truncated_frames_wait_or_fail(m in any_message(), cut in any::<prop::sample::Index>()) {
         let mut buf = Vec::new();
         encode(&m, &mut buf);
         let at = cut.index(buf.len());
@@ -176,7 +193,7 @@ proptest! {
 
     /// Flipping bytes of a valid frame never panics the decoder.
     #[test]
-    fn mutated_frames_never_panic(m in message(), flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8)) {
+    fn mutated_frames_never_panic(m in any_message(), flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8)) {
         let mut buf = Vec::new();
         encode(&m, &mut buf);
         for (i, b) in flips {
@@ -184,6 +201,24 @@ proptest! {
             buf[at] ^= b | 1;
         }
         let _ = drain(&buf);
+    }
+
+    /// The tag of plain requests wraps only body reports, once: a tagged
+    /// Hello, Publish, query or tagged message is an error, and an untagged body
+    /// report never decodes as tagged (the hub tells the two apart).
+    #[test]
+    fn tags_wrap_only_body_reports(m in any_message()) {
+        let mut buf = Vec::new();
+        encode(&m, &mut buf);
+        let mut body = vec![8u8];
+        body.extend_from_slice(&buf[4..]);
+        let wrapped = decode(&body);
+        if is_body_report(&m) {
+            prop_assert_eq!(wrapped.unwrap(), m.tagged_request());
+            prop_assert!(!matches!(decode(&buf[4..]).unwrap(), IngestMessage::TaggedRequest(_)));
+        } else {
+            prop_assert!(wrapped.is_err());
+        }
     }
 
     /// Query answers (raw frames) are framed like everything else.

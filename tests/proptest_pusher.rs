@@ -67,6 +67,9 @@ fn hub_port() -> u16 {
             expire_seconds: 3600,
             activity_timeout: 120,
             max_connections: 0,
+            max_pending_handshakes: 0,
+            max_connections_per_ip: 0,
+            handshake_timeout: 0,
             redis_url: String::new(),
             php_binary: String::new(),
         };
@@ -312,5 +315,22 @@ proptest! {
         bytes[at] = if bytes[at] == b'0' { b'1' } else { b'0' };
         let flipped = String::from_utf8(bytes).unwrap();
         prop_assert!(pusher::verify_channel_auth(KEY, SECRET, &sid1, &ch, None, &flipped).is_err());
+    }
+
+    /// An event name with any control character is refused (it would reach every
+    /// client's event dispatch and the logs); the same name without it is accepted.
+    #[test]
+    fn event_names_with_control_characters_are_refused(
+        pre in "[a-z][a-z0-9_.-]{0,40}",
+        post in "[a-z0-9_.-]{0,40}",
+        c in prop_oneof![0u32..0x20, Just(0x7f), 0x80u32..0xa0],
+    ) {
+        let c = char::from_u32(c).unwrap();
+        let bad = format!("{pre}{c}{post}");
+        let e = pusher::validate_event(&bad);
+        prop_assert!(e.is_err(), "{:?} accepted", bad);
+        prop_assert!(e.unwrap_err().contains("control character"));
+        let good = format!("{pre}{post}");
+        prop_assert!(pusher::validate_event(&good).is_ok());
     }
 }

@@ -16,6 +16,13 @@
  * Errors: 4xx with {"error": "..."} for anything the client got wrong, 404 for a well
  * formed id that does not exist (on every verb), 405 for a verb a resource does not
  * support; a 5xx only when the server itself fails.
+ *
+ * Ownership: an upload belongs to the browser session that created it. The session is an
+ * HttpOnly cookie holding 128 random bits; the upload's metadata keeps only its SHA-256
+ * (`owner`), so no session files, no session lock between parallel chunk requests, and
+ * several hosts agree without sharing anything but the upload state. Every endpoint
+ * (status, chunk, complete, abort, broadcasting auth) answers 404 for an upload of
+ * another session, as if it did not exist. Server paths never go to browsers.
  */
 
 declare(strict_types=1);
@@ -25,6 +32,8 @@ namespace UploadProgressDemo;
 use Throwable;
 
 const ID_RE = '/^[0-9a-z]{26}$/';
+const OWNER_COOKIE = 'upload_owner';
+const OWNER_RE = '/^[0-9a-f]{32}$/';
 const MAX_JSON_BODY = 65536;
 
 final class HttpError extends \Exception
@@ -68,6 +77,11 @@ function send_raw_json(int $status, string $json): void
 /** Shape a status() array for JSON: objects stay objects even when empty. */
 function status_json(array $status): array
 {
+    // The absolute server path is for PHP, not for browsers; the owner hash is ours.
+    unset($status['path']);
+    if (isset($status['metadata']) && is_array($status['metadata'])) {
+        unset($status['metadata']['owner']);
+    }
     if (array_key_exists('metadata', $status) && (is_array($status['metadata']) && $status['metadata'] === [])) {
         $status['metadata'] = new \stdClass();
     }
@@ -102,10 +116,52 @@ function short(string $s, int $max = 64): string
     return strlen($s) > $max ? substr($s, 0, $max) . '…' : $s;
 }
 
+/** The session's owner token from its cookie, or null when it has none (or a forged one). */
+function session_owner(): ?string
+{
+    $v = $_COOKIE[OWNER_COOKIE] ?? null;
+    return is_string($v) && preg_match(OWNER_RE, $v) === 1 ? $v : null;
+}
+
+/** The session's owner token, created (and sent as a cookie) when it has none yet. */
+function session_owner_or_new(): string
+{
+    $owner = session_owner();
+    if ($owner !== null) {
+        return $owner;
+    }
+    $owner = bin2hex(random_bytes(16));
+    [, , $https] = page_host_port();
+    setcookie(OWNER_COOKIE, $owner, [
+        'path' => '/api/',
+        'httponly' => true,
+        'samesite' => 'Strict',
+        'secure' => $https,
+    ]);
+    $_COOKIE[OWNER_COOKIE] = $owner;
+    return $owner;
+}
+
+function owner_hash(string $owner): string
+{
+    return hash('sha256', $owner);
+}
+
+/**
+ * Opens an upload of this session. An upload of another session is answered exactly like
+ * one that does not exist, so ids cannot be probed.
+ */
 function open_upload(string $id): \UploadProgress\Upload
 {
     require_extension();
-    return \UploadProgress\Upload::open(valid_id($id));
+    $id = valid_id($id);
+    $upload = \UploadProgress\Upload::open($id);
+    $owner = session_owner();
+    $stored = $upload->status()['metadata']['owner'] ?? null;
+    if ($owner === null || !is_string($stored) || !hash_equals($stored, owner_hash($owner))) {
+        throw new HttpError(404, sprintf('upload %s not found', $id));
+    }
+    return $upload;
 }
 
 /** @param list<string> $allowed */
@@ -177,8 +233,9 @@ function storage_dir(): string
 {
     $dir = (string)ini_get('upload_progress.storage_dir');
     if ($dir === '') {
-        // the extension's per-user default (free space only: a missing dir walks up to /tmp)
-        $dir = rtrim(sys_get_temp_dir(), '/') . '/upload-progress' . (function_exists('posix_geteuid') ? '-' . posix_geteuid() : '');
+        // The extension's default: one root per user, never a shared /tmp directory.
+        $euid = function_exists('posix_geteuid') ? posix_geteuid() : getmyuid();
+        $dir = rtrim(sys_get_temp_dir(), '/') . '/upload-progress-' . $euid;
     }
     return $dir;
 }
@@ -301,7 +358,7 @@ function create_upload(): void
     }
 
     $options = [];
-    $metadata = ['name' => $name];
+    $metadata = ['name' => $name, 'owner' => owner_hash(session_owner_or_new())];
     if (isset($in['type'])) {
         if (!is_string($in['type']) || strlen($in['type']) > 255) {
             throw new HttpError(400, '"type" must be a string of at most 255 bytes');
@@ -382,7 +439,16 @@ function put_chunk(string $id, string $indexRaw): void
     }
     $checksum = checksum_header();
     // null source: the extension streams the request body from the SAPI to the data file.
-    $status = $upload->writeChunk($index, null, $checksum);
+    try {
+        $status = $upload->writeChunk($index, null, $checksum);
+    } catch (\UploadProgress\InvalidChunkException $e) {
+        // A chunk for an upload that is no longer uploading is a conflict with its state,
+        // not a malformed chunk (docs/client.md): 409.
+        if (($upload->status()['state'] ?? 'uploading') !== 'uploading') {
+            throw new HttpError(409, $e->getMessage());
+        }
+        throw $e;
+    }
     send_json(200, status_json($status));
 }
 
@@ -430,8 +496,14 @@ function broadcasting_auth(): void
     if (preg_match('/^\d{1,20}\.\d{1,20}$/', $socketId) !== 1) {
         throw new HttpError(400, sprintf('invalid socket_id "%s"', short($socketId)));
     }
-    if (preg_match('/^private-upload\.([0-9A-Za-z_\-=@,.;]{1,128})$/D', $channel) !== 1) {
+    if (preg_match('/^private-upload\.([0-9a-z]{26})$/D', $channel, $m) !== 1) {
         throw new HttpError(403, sprintf('channel "%s" is not allowed: only private-upload.<id> channels', short($channel)));
+    }
+    // Only the session that owns the upload may watch it.
+    try {
+        open_upload($m[1]);
+    } catch (HttpError | \UploadProgress\NotFoundException) {
+        throw new HttpError(403, sprintf('channel "%s" is not allowed: upload %s is not one of this session\'s', short($channel), $m[1]));
     }
     send_raw_json(200, \UploadProgress\auth($socketId, $channel));
 }

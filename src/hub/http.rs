@@ -14,8 +14,10 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
 
+use super::limits::{Admit, Slot};
 use super::redis::{dispatch, Op};
-use super::state::data_seq;
+use super::replay::Seen;
+use super::state::refuse_published;
 use super::{lock, ws, Hub, Metrics};
 use crate::protocol::pusher;
 
@@ -30,6 +32,13 @@ const MAX_EVENT_CHANNELS: usize = 100;
 const MAX_BATCH: usize = 10;
 /// Accepted clock skew of `auth_timestamp`.
 const MAX_SKEW_S: i64 = 600;
+/// Signatures of the events API remembered at most (within the skew window).
+pub(crate) const MAX_SIGNATURES: usize = 200_000;
+const REPLAYED: &str =
+    "replayed request: this signature was already accepted (sign every request anew)";
+
+/// Refusals arrive at flood speed: one log line per 10 s.
+static REFUSED_LOG: super::RateLog = super::RateLog::new();
 
 pub(crate) async fn accept_loop(
     hub: Arc<Hub>,
@@ -43,9 +52,40 @@ pub(crate) async fn accept_loop(
             r = listener.accept() => r,
         };
         match r {
-            Ok((s, _)) => {
-                let _ = s.set_nodelay(true);
-                tokio::spawn(handle(hub.clone(), s));
+            Ok((s, addr)) => {
+                let mut tries = 0;
+                let slot = loop {
+                    match hub.limits.admit(addr.ip()) {
+                        Admit::Ok(slot) => break Some(slot),
+                        Admit::Refuse(why) => {
+                            REFUSED_LOG
+                                .log(format_args!("connection from {} refused: {why}", addr.ip()));
+                            break None;
+                        }
+                        Admit::Wait if tries < 5 => {
+                            // An old pending connection was told to close.
+                            tries += 1;
+                            hub.limits.wait_freed(Duration::from_millis(20)).await;
+                        }
+                        Admit::Wait => {
+                            REFUSED_LOG.log(format_args!(
+                                "connection from {} refused: no descriptor freed in time",
+                                addr.ip()
+                            ));
+                            break None;
+                        }
+                    }
+                };
+                match slot {
+                    Some(slot) => {
+                        let _ = s.set_nodelay(true);
+                        tokio::spawn(handle(hub.clone(), s, slot));
+                    }
+                    None => {
+                        Metrics::add(&hub.m.tcp_refused, 1);
+                        drop(s);
+                    }
+                }
             }
             Err(e) => {
                 let pause = super::accept_failed("accept", &e, &mut last_log);
@@ -68,6 +108,7 @@ pub(crate) struct Request {
     ws_key: Option<String>,
     ws_version: Option<String>,
     origin: Option<String>,
+    host: Option<String>,
     content_length: Option<usize>,
     chunked: bool,
     /// Bytes read past the head (start of the body or of the first frames).
@@ -108,6 +149,8 @@ fn parse_head(buf: &[u8]) -> Result<Option<Request>, String> {
             r.ws_version = Some(v);
         } else if name.eq_ignore_ascii_case("origin") {
             r.origin = Some(v);
+        } else if name.eq_ignore_ascii_case("host") {
+            r.host = Some(v);
         } else if name.eq_ignore_ascii_case("content-length") {
             r.content_length = Some(
                 v.parse()
@@ -153,6 +196,7 @@ fn reason(status: u16) -> &'static str {
         411 => "Length Required",
         413 => "Payload Too Large",
         426 => "Upgrade Required",
+        429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         503 => "Service Unavailable",
         _ => "Error",
@@ -194,9 +238,17 @@ async fn respond_json(s: &mut TcpStream, status: u16, body: &str) {
     respond(s, status, "application/json", "", body).await;
 }
 
-async fn handle(hub: Arc<Hub>, mut s: TcpStream) {
+async fn handle(hub: Arc<Hub>, mut s: TcpStream, slot: Slot) {
     let deadline = tokio::time::Instant::now() + hub.tun.handshake_timeout;
-    let req = match tokio::time::timeout_at(deadline, read_head(&mut s)).await {
+    let head = tokio::select! {
+        r = tokio::time::timeout_at(deadline, read_head(&mut s)) => r,
+        _ = slot.evicted() => {
+            // Closed to make room for a newer connection.
+            Metrics::add(&hub.m.pending_evicted, 1);
+            return;
+        }
+    };
+    let req = match head {
         Err(_) => {
             respond_json(
                 &mut s,
@@ -220,15 +272,22 @@ async fn handle(hub: Arc<Hub>, mut s: TcpStream) {
     };
     if let Some(key) = req.path.strip_prefix("/app/") {
         let key = key.trim_end_matches('/').to_string();
-        websocket(hub, s, req, key).await;
+        slot.established();
+        websocket(hub, s, req, key, slot).await;
         return;
+    }
+    if !req.path.starts_with("/apps/") {
+        slot.established();
     }
     match (req.method.as_str(), req.path.as_str()) {
         ("GET" | "HEAD", "/health") => {
+            let (tcp, pending) = hub.limits.counts();
             let body = serde_json::json!({
                 "status": "ok",
                 "version": hub.version,
                 "connections": Metrics::get(&hub.m.connections),
+                "tcp_connections": tcp,
+                "pending_handshakes": pending,
                 "uptime_s": hub.uptime_s(),
             })
             .to_string();
@@ -247,7 +306,14 @@ async fn handle(hub: Arc<Hub>, mut s: TcpStream) {
         }
         (method, path) if path.starts_with("/apps/") => {
             let (status, body) = if method == "POST" {
-                events_api(&hub, &mut s, &req, deadline).await
+                // Pending (evictable) until its body is in.
+                tokio::select! {
+                    r = events_api(&hub, &mut s, &req, deadline) => r,
+                    _ = slot.evicted() => {
+                        Metrics::add(&hub.m.pending_evicted, 1);
+                        return;
+                    }
+                }
             } else {
                 (405, error_body("only POST is supported on /apps/"))
             };
@@ -265,7 +331,7 @@ fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
-async fn websocket(hub: Arc<Hub>, mut s: TcpStream, req: Request, key: String) {
+async fn websocket(hub: Arc<Hub>, mut s: TcpStream, req: Request, key: String, slot: Slot) {
     if req.method != "GET" || !req.upgrade_ws || req.ws_key.is_none() {
         respond(
             &mut s,
@@ -288,7 +354,10 @@ async fn websocket(hub: Arc<Hub>, mut s: TcpStream, req: Request, key: String) {
         .await;
         return;
     }
-    if !hub.cfg.origin_allowed(req.origin.as_deref()) {
+    if !hub
+        .cfg
+        .origin_allowed(req.origin.as_deref(), req.host.as_deref())
+    {
         let msg = format!(
             "origin {:?} is not allowed",
             req.origin.as_deref().unwrap_or("")
@@ -312,28 +381,42 @@ async fn websocket(hub: Arc<Hub>, mut s: TcpStream, req: Request, key: String) {
     } else {
         WebSocketStream::from_partially_read(s, rest, Role::Server, cfg).await
     };
+    // The slot (the descriptor's place in the budget) lives as long as the socket.
     if key != hub.cfg.app_key {
         let msg = format!("App key {key:?} does not exist on this hub");
-        tokio::spawn(ws::reject(stream, 4001, msg));
+        tokio::spawn(async move {
+            ws::reject(stream, 4001, msg).await;
+            drop(slot)
+        });
         return;
     }
     if let Some(p) = protocol {
         if !(5..=7).contains(&p) {
             let msg = format!("Unsupported protocol version {p}: 7 is expected");
-            tokio::spawn(ws::reject(stream, 4007, msg));
+            tokio::spawn(async move {
+                ws::reject(stream, 4007, msg).await;
+                drop(slot)
+            });
             return;
         }
     }
     match ws::register(&hub) {
         Some(conn) => {
-            tokio::spawn(ws::session(hub, stream, conn));
+            tokio::spawn(async move {
+                ws::session(hub, stream, conn).await;
+                drop(slot)
+            });
         }
         None => {
-            tokio::spawn(ws::reject(
-                stream,
-                4100,
-                "Over capacity: too many connections".to_string(),
-            ));
+            tokio::spawn(async move {
+                ws::reject(
+                    stream,
+                    4100,
+                    "Over capacity: too many connections".to_string(),
+                )
+                .await;
+                drop(slot)
+            });
         }
     }
 }
@@ -362,7 +445,8 @@ fn hex_val(c: u8) -> Option<u8> {
     (c as char).to_digit(16).map(|d| d as u8)
 }
 
-/// Checks Pusher request signing; Err is the 401 message.
+/// Checks Pusher request signing; Ok is the signature and its timestamp, Err
+/// the 401 message.
 pub(crate) fn check_signature(
     hub: &Hub,
     method: &str,
@@ -370,7 +454,7 @@ pub(crate) fn check_signature(
     query: &str,
     body: &[u8],
     now_s: i64,
-) -> Result<(), String> {
+) -> Result<(String, i64), String> {
     let mut params: Vec<(String, String)> = query
         .split('&')
         .filter(|kv| !kv.is_empty())
@@ -413,7 +497,7 @@ pub(crate) fn check_signature(
     let q: Vec<String> = params.iter().map(|(k, v)| format!("{k}={v}")).collect();
     let to_sign = format!("{method}\n{path}\n{}", q.join("&"));
     if pusher::verify(&hub.cfg.app_secret, &to_sign, &signature) {
-        Ok(())
+        Ok((signature, ts))
     } else {
         Err(format!(
             "invalid signature: expected the HMAC-SHA256 hex of {to_sign:?} keyed by the app secret"
@@ -469,6 +553,11 @@ fn check_event(e: ApiEvent) -> Result<Checked, (u16, String)> {
         Some(v) => v.to_string(),
         None => String::new(),
     };
+    for c in &channels {
+        if let Some(m) = refuse_published(c, &name, &data) {
+            return Err((403, m));
+        }
+    }
     if data.len() > MAX_EVENT_DATA {
         return Err((
             413,
@@ -535,8 +624,31 @@ async fn events_api(
         }
     }
     let now_s = (super::now_ms() / 1000) as i64;
-    if let Err(m) = check_signature(hub, &req.method, &req.path, &req.query, &body, now_s) {
-        return (401, error_body(&m));
+    let (signature, ts) =
+        match check_signature(hub, &req.method, &req.path, &req.query, &body, now_s) {
+            Ok(v) => v,
+            Err(m) => return (401, error_body(&m)),
+        };
+    // Accepted once: the signature is remembered until its timestamp leaves
+    // the accepted window (shared through Redis when it is there).
+    let expires = ts + MAX_SKEW_S;
+    match lock(&hub.replay).check(&signature, expires, now_s) {
+        Seen::New => {}
+        Seen::Replay => return (401, error_body(REPLAYED)),
+        Seen::Full => {
+            return (
+                429,
+                error_body("too many signed requests within the last 10 minutes: retry later"),
+            )
+        }
+    }
+    if let Some(b) = &hub.redis {
+        if b.first_seen_signature(&signature, (expires - now_s + 1).max(1) as u64)
+            .await
+            == Some(false)
+        {
+            return (401, error_body(REPLAYED));
+        }
     }
     let events: Vec<ApiEvent> = if batch {
         match serde_json::from_slice::<ApiBatch>(&body) {
@@ -562,11 +674,18 @@ async fn events_api(
     for e in events {
         match check_event(e) {
             Ok(c) => checked.push(c),
-            Err((status, m)) => return (status, error_body(&m)),
+            Err((status, m)) => {
+                if status == 403 {
+                    Metrics::add(&hub.m.published_refused, 1);
+                }
+                return (status, error_body(&m));
+            }
         }
     }
     for c in checked.iter() {
-        let seq = data_seq(&c.data);
+        // A seq in the data orders nothing (it would let a caller silence a
+        // channel); only the hub's upload events carry one.
+        let seq = None;
         for ch in &c.channels {
             dispatch(
                 hub,
@@ -598,7 +717,7 @@ pub(crate) fn metrics_text(hub: &Hub) -> String {
     let m = &hub.m;
     let redis = hub.redis.as_ref();
     let rget = |f: fn(&super::redis::Bridge) -> u64| redis.map_or(0, |b| f(b));
-    let rows: [(&str, &str, &str, u64); 15] = [
+    let rows: [(&str, &str, &str, u64); 19] = [
         (
             "connections",
             "gauge",
@@ -658,6 +777,30 @@ pub(crate) fn metrics_text(hub: &Hub) -> String {
             "counter",
             "Ingest connections closed for a malformed frame or a foreign uid.",
             Metrics::get(&m.ingest_errors),
+        ),
+        (
+            "tcp_refused_total",
+            "counter",
+            "TCP connections closed at accept: no descriptor to spare or too many from one address.",
+            Metrics::get(&m.tcp_refused),
+        ),
+        (
+            "pending_evicted_total",
+            "counter",
+            "Connections without a finished handshake closed to make room for newer ones.",
+            Metrics::get(&m.pending_evicted),
+        ),
+        (
+            "tagged_refused_total",
+            "counter",
+            "Reports of plain requests tagged with the id of an Upload, dropped.",
+            Metrics::get(&m.tagged_refused),
+        ),
+        (
+            "published_refused_total",
+            "counter",
+            "Published events refused on upload channels (upload event name or a seq).",
+            Metrics::get(&m.published_refused),
         ),
         (
             "redis_connected",

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use super::http::MAX_EVENT_DATA;
 use super::redis::{dispatch, Op};
-use super::state::data_seq;
+use super::state::{data_seq, refuse_published};
 use super::{lock, log, Hub, Metrics};
 use crate::protocol::ingest::{self, IngestMessage};
 use crate::protocol::pusher;
@@ -51,13 +51,17 @@ impl Drop for Gauge<'_> {
     }
 }
 
+/// Connections from another uid arrive at flood speed: one line per 10 s.
+static REFUSED_LOG: super::RateLog = super::RateLog::new();
+static BAD_FRAME_LOG: super::RateLog = super::RateLog::new();
+
 async fn connection(hub: Arc<Hub>, mut s: UnixStream, mut down: watch::Receiver<bool>) {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
     match s.peer_cred() {
         Ok(c) if c.uid() == euid => {}
         Ok(c) => {
-            log(format_args!(
+            REFUSED_LOG.log(format_args!(
                 "ingest connection from uid {} refused (the hub runs as uid {euid})",
                 c.uid()
             ));
@@ -65,7 +69,7 @@ async fn connection(hub: Arc<Hub>, mut s: UnixStream, mut down: watch::Receiver<
             return;
         }
         Err(e) => {
-            log(format_args!("ingest connection without credentials: {e}"));
+            REFUSED_LOG.log(format_args!("ingest connection without credentials: {e}"));
             Metrics::add(&hub.m.ingest_errors, 1);
             return;
         }
@@ -83,7 +87,7 @@ async fn connection(hub: Arc<Hub>, mut s: UnixStream, mut down: watch::Receiver<
                     match ingest::decode(body) {
                         Ok(msg) => handle(&hub, msg, &mut reply).await,
                         Err(e) => {
-                            log(format_args!("ingest connection closed: {e}"));
+                            BAD_FRAME_LOG.log(format_args!("ingest connection closed: {e}"));
                             Metrics::add(&hub.m.ingest_errors, 1);
                             return;
                         }
@@ -92,7 +96,7 @@ async fn connection(hub: Arc<Hub>, mut s: UnixStream, mut down: watch::Receiver<
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    log(format_args!("ingest connection closed: {e}"));
+                    BAD_FRAME_LOG.log(format_args!("ingest connection closed: {e}"));
                     Metrics::add(&hub.m.ingest_errors, 1);
                     return;
                 }
@@ -153,47 +157,45 @@ async fn handle(hub: &Hub, msg: IngestMessage, reply: &mut Vec<u8>) {
                 Metrics::add(&hub.m.events_dropped, 1);
                 return;
             }
-            let seq = data_seq(&data);
+            if refuse_published(&channel, &event, &data).is_some() {
+                Metrics::add(&hub.m.events_in, 1);
+                Metrics::add(&hub.m.events_dropped, 1);
+                Metrics::add(&hub.m.published_refused, 1);
+                return;
+            }
+            // A seq in published data orders nothing: it is the upload's own
+            // (a publish() with "seq" => 1e300 silenced a channel).
             dispatch(
                 hub,
                 Op::Event {
                     channel,
                     event,
                     data,
-                    seq,
+                    seq: None,
                     exclude: None,
                 },
             );
         }
-        IngestMessage::Progress(r) => dispatch(hub, Op::Progress(r)),
-        IngestMessage::StreamEnd {
-            upload_id,
-            stream,
-            outcome,
-            stored_bytes,
-            chunks_done,
-        } => dispatch(
-            hub,
-            Op::StreamEnd {
-                upload_id,
-                stream,
-                outcome,
-                stored_bytes,
-                chunks_done,
-            },
-        ),
-        IngestMessage::Terminal {
-            upload_id,
-            event,
-            fields,
-        } => dispatch(
-            hub,
-            Op::Terminal {
-                upload_id,
-                event,
-                fields,
-            },
-        ),
+        IngestMessage::TaggedRequest(inner) => {
+            let Some(op) = body_op(*inner) else { return };
+            let id = op_upload_id(&op);
+            if hub.is_upload(id) {
+                // A plain request tagged with the id of an Upload (anyone
+                // can send one): it never speaks on that Upload's channel.
+                Metrics::add(&hub.m.events_in, 1);
+                Metrics::add(&hub.m.events_dropped, 1);
+                Metrics::add(&hub.m.tagged_refused, 1);
+                return;
+            }
+            dispatch(hub, Op::Tagged(Box::new(op)));
+        }
+        m @ (IngestMessage::Progress(_)
+        | IngestMessage::StreamEnd { .. }
+        | IngestMessage::Terminal { .. }) => {
+            let Some(op) = body_op(m) else { return };
+            hub.note_upload(op_upload_id(&op));
+            dispatch(hub, op);
+        }
         IngestMessage::QueryProgress { upload_id } => {
             let mut data = lock(&hub.state).latest_upload_data(&upload_id);
             if let Some(b) = &hub.redis {
@@ -211,6 +213,45 @@ async fn handle(hub: &Hub, msg: IngestMessage, reply: &mut Vec<u8>) {
         IngestMessage::QueryStatus => {
             ingest::encode_raw(hub.status_json().as_bytes(), reply);
         }
+    }
+}
+
+/// The hub operation of a body report (Progress, StreamEnd, Terminal).
+fn body_op(m: IngestMessage) -> Option<Op> {
+    Some(match m {
+        IngestMessage::Progress(r) => Op::Progress(r),
+        IngestMessage::StreamEnd {
+            upload_id,
+            stream,
+            outcome,
+            stored_bytes,
+            chunks_done,
+        } => Op::StreamEnd {
+            upload_id,
+            stream,
+            outcome,
+            stored_bytes,
+            chunks_done,
+        },
+        IngestMessage::Terminal {
+            upload_id,
+            event,
+            fields,
+        } => Op::Terminal {
+            upload_id,
+            event,
+            fields,
+        },
+        _ => return None,
+    })
+}
+
+fn op_upload_id(op: &Op) -> &str {
+    match op {
+        Op::Progress(r) => &r.upload_id,
+        Op::StreamEnd { upload_id, .. } | Op::Terminal { upload_id, .. } => upload_id,
+        Op::Event { channel, .. } => channel,
+        Op::Tagged(inner) => op_upload_id(inner),
     }
 }
 

@@ -19,7 +19,9 @@
 
 mod http;
 mod ingest;
+mod limits;
 mod redis;
+mod replay;
 mod state;
 mod ws;
 
@@ -66,6 +68,10 @@ pub fn run(opts: HubOptions) -> Result<(), String> {
         .thread_name("upload-progress-hub")
         .build()
         .map_err(|e| format!("cannot start the hub runtime: {e}"))?;
+    // A hub under FPM inherits its soft limit (1024 under systemd, 64 seen in
+    // the wild); every WebSocket costs a descriptor.
+    let fds = limits::raise_fd_limit();
+    log(format_args!("descriptor limit {fds}"));
     let res = rt.block_on(async {
         let stop = signals();
         serve(opts, None, Tunables::default(), stop).await
@@ -98,6 +104,9 @@ fn signals() -> impl Future<Output = String> + Send {
     }
 }
 
+/// Upload ids remembered by `Hub::note_upload`.
+const MAX_UPLOADS_SEEN: usize = 100_000;
+
 /// Knobs that tests turn down; production uses `Tunables::default()`.
 #[derive(Debug, Clone)]
 pub(crate) struct Tunables {
@@ -119,6 +128,11 @@ pub(crate) struct Tunables {
     pub redis_ping_every: Duration,
     /// Deadline of one Redis command (and of a connect, twice this).
     pub redis_timeout: Duration,
+    /// The descriptor limit to plan with (None: the process's soft limit).
+    pub fd_limit: Option<u64>,
+    /// Count loopback clients per address too (tests; in production loopback
+    /// is a proxy on the host).
+    pub count_loopback_per_ip: bool,
 }
 
 impl Default for Tunables {
@@ -133,6 +147,8 @@ impl Default for Tunables {
             close_spread: Duration::from_millis(1000),
             redis_ping_every: Duration::from_secs(1),
             redis_timeout: Duration::from_secs(2),
+            fd_limit: None,
+            count_loopback_per_ip: false,
         }
     }
 }
@@ -147,6 +163,14 @@ pub(crate) struct Metrics {
     pub evictions: AtomicU64,
     pub ingest_connections: AtomicU64,
     pub ingest_errors: AtomicU64,
+    /// Body reports of plain tagged requests for an id that is an Upload.
+    pub tagged_refused: AtomicU64,
+    /// TCP connections closed at accept (no descriptor to spare, per-address cap).
+    pub tcp_refused: AtomicU64,
+    /// Pending connections closed to make room for newer ones.
+    pub pending_evicted: AtomicU64,
+    /// Published events refused on upload channels (reserved name or a seq).
+    pub published_refused: AtomicU64,
 }
 
 impl Metrics {
@@ -171,6 +195,13 @@ pub(crate) struct Hub {
     pub m: Metrics,
     /// The Redis bridge, when `redis_url` is set (and valid).
     pub redis: Option<Arc<redis::Bridge>>,
+    /// Events API signatures already accepted.
+    pub replay: Mutex<replay::Signatures>,
+    /// Ids this hub saw Upload reports for (bounded; the storage directory
+    /// and the Redis state are the durable answer).
+    pub uploads_seen: Mutex<std::collections::HashSet<Box<str>>>,
+    /// The descriptor budget of TCP clients.
+    pub limits: Arc<limits::Limits>,
     next_id: AtomicU64,
     seed: u64,
     pub stopping: AtomicBool,
@@ -194,6 +225,31 @@ impl Hub {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let r = splitmix64(self.seed ^ id.wrapping_mul(0x9e37_79b9_7f4a_7c15));
         (id, (r % 1_000_000_000) as u32)
+    }
+
+    /// Remembers that `id` is an Upload (its reports come from `Upload`).
+    pub fn note_upload(&self, id: &str) {
+        let mut seen = lock(&self.uploads_seen);
+        if seen.contains(id) {
+            return;
+        }
+        if seen.len() >= MAX_UPLOADS_SEEN {
+            // Forgetting is safe: the storage directory still answers.
+            seen.clear();
+        }
+        seen.insert(id.into());
+    }
+
+    /// True when `id` is an Upload: its reports came here, its directory is in
+    /// storage_dir (the Redis script checks the Redis state).
+    pub fn is_upload(&self, id: &str) -> bool {
+        if lock(&self.uploads_seen).contains(id) {
+            return true;
+        }
+        if id.is_empty() || id.contains('/') || id.starts_with('.') {
+            return false;
+        }
+        std::fs::symlink_metadata(self.cfg.storage_dir.join(id)).is_ok_and(|m| m.is_dir())
     }
 
     pub fn uptime_s(&self) -> u64 {
@@ -284,18 +340,121 @@ pub(crate) fn now_us() -> u64 {
         .unwrap_or(0)
 }
 
+/// Size of the hub log (a regular file on fd 2) above which it is rotated once:
+/// renamed to `<name>.1` (replacing the previous one) and reopened.
+const LOG_CAP: u64 = 8 << 20;
+
 /// One log line on stderr: `2026-11-21T05:22:03.123Z upload_progress hub[pid]: message`.
 pub(crate) fn log(args: std::fmt::Arguments<'_>) {
     use std::io::Write;
     // stderr is a log file on the storage disk: a full disk must not panic
     // whatever task is logging (eprintln! would).
+    let mut err = std::io::stderr().lock();
     let _ = writeln!(
-        std::io::stderr().lock(),
+        err,
         "{} upload_progress hub[{}]: {}",
         timestamp(now_ms()),
         std::process::id(),
         args
     );
+    // Under the stderr lock: no other line is written while fd 2 is swapped.
+    let _ = rotate_log(2, &[1], LOG_CAP);
+    drop(err);
+}
+
+/// When `fd` is a regular file larger than `cap`: renames it to `<path>.1`,
+/// opens a new file at its path (0600, never through a link) and dup2s it onto
+/// `fd` and onto those of `also` that share the old file. True when rotated.
+pub(crate) fn rotate_log(
+    fd: std::os::fd::RawFd,
+    also: &[std::os::fd::RawFd],
+    cap: u64,
+) -> std::io::Result<bool> {
+    use std::os::unix::ffi::OsStrExt;
+    let stat = |fd| {
+        // SAFETY: fstat writes into the zeroed struct it is given.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        (unsafe { libc::fstat(fd, &mut st) } == 0).then_some(st)
+    };
+    let Some(st) = stat(fd) else {
+        return Ok(false);
+    };
+    if (st.st_mode & libc::S_IFMT) != libc::S_IFREG || (st.st_size as u64) < cap {
+        return Ok(false);
+    }
+    let path = std::fs::read_link(format!("/proc/self/fd/{fd}"))?;
+    if path.as_os_str().as_bytes().ends_with(b" (deleted)") || !path.is_absolute() {
+        return Ok(false);
+    }
+    let mut old = path.clone().into_os_string();
+    old.push(".1");
+    std::fs::rename(&path, &old)?;
+    let cpath = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: a valid C string; the new descriptor is owned below.
+    let nfd = unsafe {
+        libc::open(
+            cpath.as_ptr(),
+            libc::O_WRONLY
+                | libc::O_CREAT
+                | libc::O_EXCL
+                | libc::O_APPEND
+                | libc::O_NOFOLLOW
+                | libc::O_CLOEXEC,
+            0o600,
+        )
+    };
+    if nfd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    for &other in also {
+        if stat(other).is_some_and(|o| o.st_dev == st.st_dev && o.st_ino == st.st_ino) {
+            // SAFETY: both descriptors are open; dup2 replaces `other` atomically.
+            unsafe { libc::dup2(nfd, other) };
+        }
+    }
+    // SAFETY: as above; then the temporary descriptor is closed.
+    unsafe {
+        libc::dup2(nfd, fd);
+        libc::close(nfd);
+    }
+    Ok(true)
+}
+
+/// A log line that may repeat at network speed (refused connections,
+/// malformed frames): written at most once per 10 s, with the number of
+/// occurrences since the previous line.
+pub(crate) struct RateLog(Mutex<(Option<Instant>, u64)>);
+
+impl RateLog {
+    pub const EVERY: Duration = Duration::from_secs(10);
+
+    pub const fn new() -> RateLog {
+        RateLog(Mutex::new((None, 0)))
+    }
+
+    /// Logs `args` unless a line was logged less than 10 s ago; true when written.
+    pub fn log(&self, args: std::fmt::Arguments<'_>) -> bool {
+        let mut g = lock(&self.0);
+        let now = Instant::now();
+        if g.0
+            .is_some_and(|t| now.saturating_duration_since(t) < Self::EVERY)
+        {
+            g.1 += 1;
+            return false;
+        }
+        let more = std::mem::take(&mut g.1);
+        g.0 = Some(now);
+        drop(g);
+        if more > 0 {
+            log(format_args!(
+                "{args} (and {more} more like it since the previous such line)"
+            ));
+        } else {
+            log(args);
+        }
+        true
+    }
 }
 
 fn timestamp(ms: u64) -> String {
@@ -336,6 +495,16 @@ pub(crate) async fn serve(
         ingest,
         watch_pid,
     } = opts;
+    let mut tun = tun;
+    if config.handshake_timeout > 0 {
+        tun.handshake_timeout = Duration::from_secs(config.handshake_timeout.min(3600));
+    }
+    let budget = limits::Budget::derive(
+        tun.fd_limit.unwrap_or_else(limits::fd_limit),
+        config.max_connections,
+        config.max_pending_handshakes,
+        config.max_connections_per_ip,
+    );
     let tcp = match listener {
         Some(l) => {
             l.set_nonblocking(true)
@@ -377,6 +546,7 @@ pub(crate) async fn serve(
             }
         }
     };
+    let count_loopback = tun.count_loopback_per_ip;
     let hub = Arc::new(Hub {
         cfg: config,
         version,
@@ -387,18 +557,27 @@ pub(crate) async fn serve(
         conns: Mutex::new(HashMap::new()),
         m: Metrics::default(),
         redis: bridge,
+        replay: Mutex::new(replay::Signatures::new(http::MAX_SIGNATURES)),
+        uploads_seen: Mutex::new(std::collections::HashSet::new()),
+        limits: limits::Limits::new(budget, count_loopback),
         next_id: AtomicU64::new(1),
         seed,
         stopping: AtomicBool::new(false),
         stop_tx,
     });
+    let b = hub.limits.budget;
     log(format_args!(
-        "version {} started, listening on {} (app id {:?}, max_connections {}, activity_timeout {} s)",
+        "version {} started, listening on {} (app id {:?}, activity_timeout {} s; {} descriptors: {} kept in reserve, {} TCP clients, max_connections {}, max_pending_handshakes {}, max_connections_per_ip {})",
         hub.version,
         hub.listen_addr,
         hub.cfg.app_id,
-        hub.cfg.max_connections,
-        hub.cfg.activity_timeout
+        hub.cfg.activity_timeout,
+        b.fd_limit,
+        b.reserve,
+        b.tcp,
+        b.websockets,
+        b.pending,
+        b.per_ip
     ));
 
     let (down_tx, down_rx) = watch::channel(false);
@@ -502,6 +681,54 @@ async fn watch(pid: Option<i32>) -> String {
 #[cfg(test)]
 mod unit {
     use super::*;
+
+    #[test]
+    fn rate_log_counts_instead_of_writing() {
+        let r = RateLog::new();
+        assert!(r.log(format_args!("first")));
+        for _ in 0..1000 {
+            assert!(!r.log(format_args!("again")));
+        }
+        assert_eq!(lock(&r.0).1, 1000);
+        // After 10 s the next line carries the count.
+        lock(&r.0).0 = Some(Instant::now() - RateLog::EVERY);
+        assert!(r.log(format_args!("later")));
+        assert_eq!(lock(&r.0).1, 0);
+    }
+
+    /// Before: the log grew without bound (15 MB in 2 s under a flood).
+    #[test]
+    fn log_is_rotated_once_past_its_cap() {
+        use std::io::Write;
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.log");
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap();
+        let other = f.try_clone().unwrap();
+        f.write_all(&[b'a'; 1000]).unwrap();
+        assert!(!rotate_log(f.as_raw_fd(), &[other.as_raw_fd()], 4096).unwrap());
+        f.write_all(&[b'b'; 4000]).unwrap();
+        assert!(rotate_log(f.as_raw_fd(), &[other.as_raw_fd()], 4096).unwrap());
+        let rotated = dir.path().join("hub.log.1");
+        assert_eq!(std::fs::metadata(&rotated).unwrap().len(), 5000);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+        // Both descriptors now write to the new file.
+        f.write_all(b"new\n").unwrap();
+        (&other).write_all(b"too\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "new\ntoo\n");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        // A second rotation replaces the previous .1: at most two files.
+        f.write_all(&[b'c'; 5000]).unwrap();
+        assert!(rotate_log(f.as_raw_fd(), &[], 4096).unwrap());
+        assert_eq!(std::fs::metadata(&rotated).unwrap().len(), 5008);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+    }
 
     #[test]
     fn timestamps() {

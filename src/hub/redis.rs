@@ -74,11 +74,16 @@ pub(crate) enum Op {
         event: String,
         fields: String,
     },
+    /// A Progress, StreamEnd or Terminal of a plain tagged request: already
+    /// checked against the Uploads this hub knows; the Redis script checks
+    /// the Uploads of every host.
+    Tagged(Box<Op>),
 }
 
 impl Op {
     fn channel(&self) -> String {
         match self {
+            Op::Tagged(inner) => inner.channel(),
             Op::Event { channel, .. } => channel.clone(),
             Op::Progress(r) => upload_channel(&r.upload_id),
             Op::StreamEnd { upload_id, .. } | Op::Terminal { upload_id, .. } => {
@@ -86,6 +91,10 @@ impl Op {
             }
         }
     }
+}
+
+pub(crate) fn is_upload_channel(channel: &str) -> bool {
+    channel.starts_with("private-upload.")
 }
 
 /// The single-host path: what the hub does without Redis.
@@ -98,7 +107,12 @@ pub(crate) fn apply_local(hub: &Hub, op: Op) {
         b.mark_unsynced(op.channel());
     }
     let mut st = lock(&hub.state);
+    let op = match op {
+        Op::Tagged(inner) => *inner,
+        op => op,
+    };
     match op {
+        Op::Tagged(_) => {}
         Op::Event {
             channel,
             event,
@@ -130,6 +144,10 @@ pub(crate) fn dispatch(hub: &Hub, op: Op) {
         let valid = pusher::validate_channel(&op.channel()).is_ok()
             && match &op {
                 Op::Terminal { event, .. } => pusher::validate_event(event).is_ok(),
+                Op::Tagged(inner) => match &**inner {
+                    Op::Terminal { event, .. } => pusher::validate_event(event).is_ok(),
+                    _ => true,
+                },
                 _ => true,
             };
         if valid && b.connected.load(Ordering::SeqCst) {
@@ -169,6 +187,10 @@ impl Keys {
     }
     fn agg(&self, ch: &str) -> String {
         format!("{}agg:{{{ch}}}", self.prefix)
+    }
+    /// The Upload state of the storage layer (`storage::redis_state`).
+    fn upload_state(&self, ch: &str) -> String {
+        format!("{}upload:{{{ch}}}", self.prefix)
     }
     fn events(&self, ch: &str) -> String {
         format!("{}ev:{{{ch}}}", self.prefix)
@@ -222,14 +244,16 @@ pub(crate) fn parse_wire(msg: &str) -> Option<Wire<'_>> {
 
 const EVENT_LUA: &str = r#"
 local seq = ARGV[5]
-if seq ~= '' then
+if ARGV[9] == '1' then
+  -- published on an upload channel: delivered, never kept as latest
+elseif seq ~= '' then
   local top = tonumber(redis.call('HGET', KEYS[1], 'top') or '0') or 0
   if tonumber(seq) <= top then return 0 end
   redis.call('HSET', KEYS[1], 'top', seq, 'seq', seq, 'event', ARGV[3], 'data', ARGV[4])
 else
   redis.call('HSET', KEYS[1], 'seq', '', 'event', ARGV[3], 'data', ARGV[4])
 end
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[6]))
+if ARGV[9] ~= '1' then redis.call('EXPIRE', KEYS[1], tonumber(ARGV[6])) end
 local msg = ARGV[2] .. '\n' .. seq .. '\n' .. ARGV[8] .. '\n' .. ARGV[3] .. '\n' .. ARGV[4]
 if ARGV[7] == '1' then redis.call('SPUBLISH', ARGV[1], msg) else redis.call('PUBLISH', ARGV[1], msg) end
 return 1
@@ -238,6 +262,14 @@ return 1
 const UPLOAD_LUA: &str = r#"
 local agg, latest = KEYS[1], KEYS[2]
 local kind = ARGV[7]
+if ARGV[19] == '1' then
+  -- a plain tagged request never speaks on the channel of an Upload
+  if redis.call('HGET', agg, 'upl') == '1' or redis.call('EXISTS', KEYS[3]) == 1 then
+    return {'0', '', ''}
+  end
+else
+  redis.call('HSET', agg, 'upl', '1')
+end
 local now = tonumber(ARGV[6])
 local ttl = tonumber(ARGV[3])
 local function fmt(n) return string.format('%.0f', n) end
@@ -261,8 +293,10 @@ if kind == 't' then
   local data = ARGV[16]
   if ARGV[17] == '0' and total > 0 then data = data .. '"bytes_total":' .. fmt(total) .. ',' end
   data = data .. '"seq":' .. fmt(seq) .. '}'
+  local upl = redis.call('HGET', agg, 'upl')
   redis.call('DEL', agg)
   redis.call('HSET', agg, 'fin', '1')
+  if upl then redis.call('HSET', agg, 'upl', upl) end
   return emit(ARGV[15], data, seq)
 end
 local rtotal, rcount = tonumber(ARGV[10]), tonumber(ARGV[11])
@@ -512,6 +546,33 @@ impl Bridge {
         self.wake.notify_one();
     }
 
+    /// SET NX EX of an events API signature: Some(false) when another hub (or
+    /// this one) already accepted it; None when Redis is not usable (the
+    /// per-hub memory still refuses local replays).
+    pub async fn first_seen_signature(&self, signature: &str, ttl_s: u64) -> Option<bool> {
+        if !self.connected.load(Ordering::SeqCst) {
+            return None;
+        }
+        let mut c = self.current()?;
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(format!("{}sig:{}", self.keys.prefix, signature.trim()))
+            .arg("1")
+            .arg("NX")
+            .arg("EX")
+            .arg(ttl_s);
+        match tokio::time::timeout(self.timeout, c.query::<Option<String>>(&cmd)).await {
+            Ok(Ok(r)) => Some(r.is_some()),
+            Ok(Err(e)) => {
+                self.failed("remembering a signature", &e);
+                None
+            }
+            Err(_) => {
+                self.failed("remembering a signature", &"timed out");
+                None
+            }
+        }
+    }
+
     /// The latest event data of an upload as Redis knows it (for `progress()`).
     pub async fn latest_upload_data(&self, upload_id: &str) -> Option<String> {
         let (_, data, _) = self.fetch_latest(&upload_channel(upload_id)).await?;
@@ -619,6 +680,10 @@ fn seq_floor(hub: &Hub, channel: &str) -> u64 {
 }
 
 async fn run_op(hub: &Hub, b: &Bridge, conn: &mut RConn, op: &Op) -> RedisResult<()> {
+    let (op, tagged) = match op {
+        Op::Tagged(inner) => (&**inner, true),
+        op => (op, false),
+    };
     let ctx = Ctx {
         m: &hub.m,
         cap: hub.tun.queue_cap,
@@ -633,6 +698,8 @@ async fn run_op(hub: &Hub, b: &Bridge, conn: &mut RConn, op: &Op) -> RedisResult
             exclude,
         } => {
             let exclude_s = exclude.map_or(String::new(), |(a, r)| format!("{a}.{r}"));
+            // Published events on an upload channel are delivered, never kept.
+            let transient = seq.is_none() && is_upload_channel(channel);
             let mut inv = b.event_script.prepare_invoke();
             inv.key(b.keys.latest(channel))
                 .arg(b.keys.events(channel))
@@ -642,7 +709,8 @@ async fn run_op(hub: &Hub, b: &Bridge, conn: &mut RConn, op: &Op) -> RedisResult
                 .arg(seq.map_or(String::new(), |s| s.to_string()))
                 .arg(b.ttl)
                 .arg(sharded)
-                .arg(exclude_s);
+                .arg(exclude_s)
+                .arg(if transient { "1" } else { "0" });
             let ok: i64 = conn.invoke(&inv).await?;
             if ok == 1 {
                 Metrics::add(&b.published, 1);
@@ -652,6 +720,7 @@ async fn run_op(hub: &Hub, b: &Bridge, conn: &mut RConn, op: &Op) -> RedisResult
                 Metrics::add(&hub.m.events_dropped, 1);
             }
         }
+        Op::Tagged(_) => {}
         Op::Progress(_) | Op::StreamEnd { .. } | Op::Terminal { .. } => {
             let channel = op.channel();
             let mut upload_id = String::new();
@@ -700,11 +769,12 @@ async fn run_op(hub: &Hub, b: &Bridge, conn: &mut RConn, op: &Op) -> RedisResult
                     t_prefix = prefix;
                     t_has_total = if has_total { "1" } else { "0" };
                 }
-                Op::Event { .. } => {}
+                Op::Event { .. } | Op::Tagged(_) => {}
             }
             let mut inv = b.upload_script.prepare_invoke();
             inv.key(b.keys.agg(&channel))
                 .key(b.keys.latest(&channel))
+                .key(b.keys.upload_state(&channel))
                 .arg(b.keys.events(&channel))
                 .arg(&b.id)
                 .arg(b.ttl)
@@ -722,9 +792,16 @@ async fn run_op(hub: &Hub, b: &Bridge, conn: &mut RConn, op: &Op) -> RedisResult
                 .arg(t_event)
                 .arg(t_prefix)
                 .arg(t_has_total)
-                .arg(STREAM_STALE_MS);
+                .arg(STREAM_STALE_MS)
+                .arg(if tagged { "1" } else { "0" });
             let r: Option<(String, String, String)> = conn.invoke(&inv).await?;
             match r {
+                Some((_, event, _)) if event.is_empty() => {
+                    // A tagged request for an Upload of some host.
+                    Metrics::add(&hub.m.events_in, 1);
+                    Metrics::add(&hub.m.events_dropped, 1);
+                    Metrics::add(&hub.m.tagged_refused, 1);
+                }
                 Some((seq, event, data)) => {
                     Metrics::add(&b.published, 1);
                     let seq = seq.parse::<u64>().ok();

@@ -203,6 +203,43 @@ pub(crate) fn data_seq(data: &str) -> Option<u64> {
     }
 }
 
+/// Names of the events the hub makes on `private-upload.<id>` (and the aliases
+/// it treats as terminal).
+pub(crate) const UPLOAD_EVENTS: [&str; 8] = [
+    "progress",
+    "complete",
+    "completed",
+    "aborted",
+    "abort",
+    "failed",
+    "fail",
+    "error",
+];
+
+/// Why a published event (`publish()`, the HTTP events API) is refused, if it
+/// is: on an upload channel it must neither look like an upload event (name)
+/// nor carry a `seq` (a client drops every later event whose seq is not above it).
+pub(crate) fn refuse_published(channel: &str, event: &str, data: &str) -> Option<String> {
+    if !channel.starts_with("private-upload.") {
+        return None;
+    }
+    if UPLOAD_EVENTS.contains(&event) {
+        return Some(format!(
+            "event {event:?} on {channel:?} is reserved for the upload's own events"
+        ));
+    }
+    if data.contains("\"seq\"") {
+        if let Ok(serde_json::Value::Object(m)) = serde_json::from_str::<serde_json::Value>(data) {
+            if m.contains_key("seq") {
+                return Some(format!(
+                    "data with a \"seq\" member on {channel:?}: seq is the upload's own"
+                ));
+            }
+        }
+    }
+    None
+}
+
 // ---------------------------------------------------------------- state
 
 struct Channel {
@@ -359,6 +396,18 @@ impl State {
         let Some(ch) = self.channels.get_mut(channel) else {
             return false;
         };
+        if seq.is_none() && channel.starts_with("private-upload.") {
+            // Published (not made by the hub from upload reports): delivered,
+            // but it never becomes the channel's latest event, moves its seq
+            // or ends it.
+            let text = Utf8Bytes::from(frame(event, Some(channel), data));
+            let evicted = fan_out(ctx, ch, &text, exclude);
+            self.subscriptions = self.subscriptions.saturating_sub(evicted);
+            if ch.subs.is_empty() && ch.latest.is_none() {
+                self.channels.remove(channel);
+            }
+            return true;
+        }
         if let Some(s) = seq {
             if s <= ch.last_seq {
                 Metrics::add(&ctx.m.events_dropped, 1);
@@ -536,6 +585,9 @@ impl State {
     ) -> bool {
         if !self.deliver(ctx, channel, event, data, seq, exclude) {
             return false;
+        }
+        if seq.is_none() {
+            return true;
         }
         if let Some(id) = channel.strip_prefix("private-upload.") {
             if matches!(

@@ -41,6 +41,9 @@ fn config() -> Config {
         expire_seconds: 86400,
         activity_timeout: 30,
         max_connections: 0,
+        max_pending_handshakes: 0,
+        max_connections_per_ip: 0,
+        handshake_timeout: 0,
         redis_url: String::new(),
         php_binary: String::new(),
     }
@@ -142,6 +145,30 @@ impl TestHub {
     async fn get(&self, path: &str) -> (u16, String) {
         self.http(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n"))
             .await
+    }
+
+    /// A metric read from another loopback address (not counted with 127.0.0.1).
+    async fn metric_from_other(&self, name: &str) -> u64 {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let mut s = sock
+            .connect(format!("127.0.0.1:{}", self.port).parse().unwrap())
+            .await
+            .unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(T, s.read_to_end(&mut out))
+            .await
+            .unwrap()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out).to_string();
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("upload_progress_{name} ")))
+            .unwrap()
+            .parse()
+            .unwrap()
     }
 
     async fn metric(&self, name: &str) -> u64 {
@@ -368,19 +395,173 @@ async fn presence_members() {
     hub.stop().await;
 }
 
+/// Attacker: app code (or a caller of the events API) publishes data with
+/// `"seq": 1e300`. Before: the hub took it as the channel's seq and dropped
+/// every later event there as stale (a silenced channel).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stale_seq_is_dropped() {
+async fn published_seq_orders_nothing() {
     let hub = start().await;
     let (mut ws, sid) = hub.ws().await;
     subscribe(&mut ws, &sid, "private-s").await;
     let mut ing = hub.ingest().await;
-    for seq in [10, 5, 10, 11] {
+    for seq in ["1e300", "10", "5", "10"] {
         let d = format!(r#"{{"seq":{seq}}}"#);
         send_ingest(&mut ing, &publish("private-s", "e", &d)).await;
     }
-    assert_eq!(data_of(&recv(&mut ws).await)["seq"], 10);
-    assert_eq!(data_of(&recv(&mut ws).await)["seq"], 11);
-    assert_eq!(hub.metric("events_dropped_total").await, 2);
+    for want in ["1e300", "10", "5", "10"] {
+        let got = recv(&mut ws).await;
+        assert_eq!(got["data"], format!(r#"{{"seq":{want}}}"#));
+    }
+    assert_eq!(hub.metric("events_dropped_total").await, 0);
+    hub.stop().await;
+}
+
+fn progress_of(id: &str, stream: u64, inflight: u64) -> IngestMessage {
+    IngestMessage::Progress(ProgressReport {
+        upload_id: id.into(),
+        stream,
+        bytes_total: 1000,
+        chunk_count: 2,
+        stored_bytes: 0,
+        chunks_done: 0,
+        inflight,
+    })
+}
+
+fn terminal_of(id: &str, event: &str) -> IngestMessage {
+    IngestMessage::Terminal {
+        upload_id: id.into(),
+        event: event.into(),
+        fields: r#"{"bytes_total":1}"#.into(),
+    }
+}
+
+/// Attacker: knows an Upload's id and sends a 1-byte POST to any PHP script
+/// with `?X-Progress-ID=<id>`. Before: the request's reports (progress,
+/// `complete`) went to `private-upload.<id>`, the channel ended, and the hub
+/// dropped the real chunk events after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tagged_requests_never_speak_on_an_upload_channel() {
+    let storage = tempfile::tempdir().unwrap();
+    let mut cfg = config();
+    cfg.storage_dir = storage.path().to_path_buf();
+    let hub = start_with(cfg, Tunables::default()).await;
+    let (mut ws, sid) = hub.ws().await;
+    let mut ing = hub.ingest().await;
+
+    // 1. An Upload the hub knows from its reports.
+    subscribe(&mut ws, &sid, "private-upload.up9").await;
+    send_ingest(&mut ing, &progress_of("up9", 1, 100)).await;
+    let m = recv(&mut ws).await;
+    assert_eq!(m["event"], "progress");
+    let first = data_of(&m)["seq"].as_u64().unwrap();
+    let forged_progress = progress_of("up9", 77, 1000).tagged_request();
+    send_ingest(&mut ing, &forged_progress).await;
+    send_ingest(&mut ing, &terminal_of("up9", "complete").tagged_request()).await;
+    send_ingest(&mut ing, &progress_of("up9", 1, 300)).await;
+    let m = recv(&mut ws).await;
+    assert_eq!(m["event"], "progress", "{m}");
+    let d = data_of(&m);
+    assert_eq!(
+        (d["bytes_done"].as_u64(), d["state"].as_str()),
+        (Some(300), Some("uploading"))
+    );
+    assert!(d["seq"].as_u64().unwrap() > first);
+
+    // 2. An Upload known only by its directory in storage_dir (no report yet).
+    std::fs::create_dir(storage.path().join("up8")).unwrap();
+    subscribe(&mut ws, &sid, "private-upload.up8").await;
+    send_ingest(&mut ing, &terminal_of("up8", "complete").tagged_request()).await;
+
+    // 3. A plain tagged request for an id that is no Upload still reports.
+    subscribe(&mut ws, &sid, "private-upload.plain1").await;
+    send_ingest(&mut ing, &progress_of("plain1", 5, 10).tagged_request()).await;
+    send_ingest(
+        &mut ing,
+        &terminal_of("plain1", "complete").tagged_request(),
+    )
+    .await;
+    let m = recv(&mut ws).await;
+    assert_eq!(
+        (m["event"].as_str(), m["channel"].as_str()),
+        (Some("progress"), Some("private-upload.plain1"))
+    );
+    let m = recv(&mut ws).await;
+    assert_eq!(
+        (m["event"].as_str(), m["channel"].as_str()),
+        (Some("complete"), Some("private-upload.plain1"))
+    );
+    // Nothing reached up8, and up9's latest is still the real progress.
+    assert_eq!(hub.metric("tagged_refused_total").await, 3);
+    let p = query(
+        &mut ing,
+        &IngestMessage::QueryProgress {
+            upload_id: "up9".into(),
+        },
+    )
+    .await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&p).unwrap()["bytes_done"],
+        300
+    );
+    let p = query(
+        &mut ing,
+        &IngestMessage::QueryProgress {
+            upload_id: "up8".into(),
+        },
+    )
+    .await;
+    assert_eq!(p, "");
+    hub.stop().await;
+}
+
+/// Attacker: `publish()` (or the events API) on `private-upload.<id>` with
+/// `complete`, or with a huge `seq`. Before: the published event became the
+/// channel's latest, replayed to new subscribers and returned by progress(),
+/// and its seq silenced the real events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn published_events_never_end_or_advance_an_upload_channel() {
+    let hub = start().await;
+    let (mut ws, sid) = hub.ws().await;
+    let mut ing = hub.ingest().await;
+    let ch = "private-upload.up7";
+    subscribe(&mut ws, &sid, ch).await;
+    send_ingest(&mut ing, &progress_of("up7", 1, 100)).await;
+    assert_eq!(recv(&mut ws).await["event"], "progress");
+    send_ingest(
+        &mut ing,
+        &publish(ch, "complete", r#"{"state":"complete"}"#),
+    )
+    .await;
+    send_ingest(&mut ing, &publish(ch, "progress", r#"{"bytes_done":999}"#)).await;
+    send_ingest(&mut ing, &publish(ch, "note", r#"{"seq":1e300}"#)).await;
+    // Another event name without a seq is delivered, but kept nowhere.
+    send_ingest(&mut ing, &publish(ch, "note", r#"{"text":"scanning"}"#)).await;
+    let m = recv(&mut ws).await;
+    assert_eq!(
+        (m["event"].as_str(), m["data"].as_str()),
+        (Some("note"), Some(r#"{"text":"scanning"}"#))
+    );
+    assert_eq!(hub.metric("published_refused_total").await, 3);
+    // The events API answers 403 for the same.
+    let now = super::now_ms() / 1000;
+    let path = format!("/apps/{APP}/events");
+    let body = format!(r#"{{"name":"aborted","channel":"{ch}","data":"{{}}"}}"#);
+    let (status, resp) = hub.http(signed("POST", &path, &body, now, SECRET)).await;
+    assert_eq!(status, 403, "{resp}");
+    assert!(resp.contains("reserved"), "{resp}");
+    // The upload goes on; a new subscriber gets the real latest event.
+    send_ingest(&mut ing, &progress_of("up7", 1, 200)).await;
+    let m = recv(&mut ws).await;
+    assert_eq!(data_of(&m)["bytes_done"], 200);
+    let (mut ws2, sid2) = hub.ws().await;
+    let sub = subscribe(&mut ws2, &sid2, ch).await;
+    assert_eq!(sub["event"], "pusher_internal:subscription_succeeded");
+    let m = recv(&mut ws2).await;
+    assert_eq!(
+        (m["event"].as_str(), data_of(&m)["bytes_done"].as_u64()),
+        (Some("progress"), Some(200))
+    );
     hub.stop().await;
 }
 
@@ -586,6 +767,118 @@ async fn events_api() {
     );
     assert_eq!(recv(&mut ws).await["event"], "b1");
     assert_eq!(recv(&mut ws).await["event"], "b2");
+    hub.stop().await;
+}
+
+/// Attacker: captures one signed events API request (proxy log, shared host)
+/// and sends it again, byte for byte, within the 600 s window. Before: every
+/// copy was accepted and delivered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_api_refuses_replayed_requests() {
+    let hub = start().await;
+    let (mut ws, sid) = hub.ws().await;
+    subscribe(&mut ws, &sid, "api-ch").await;
+    let now = super::now_ms() / 1000;
+    let path = format!("/apps/{APP}/events");
+    let body = r#"{"name":"ev","channels":["api-ch"],"data":"once"}"#;
+    let req = signed("POST", &path, body, now, SECRET);
+    assert_eq!(hub.http(req.clone()).await.0, 200);
+    assert_eq!(recv(&mut ws).await["data"], "once");
+    for _ in 0..3 {
+        let (status, resp) = hub.http(req.clone()).await;
+        assert_eq!(status, 401, "{resp}");
+        let v: Value = serde_json::from_str(&resp).unwrap();
+        assert!(
+            v["error"].as_str().unwrap().contains("replayed request"),
+            "{resp}"
+        );
+    }
+    // A new signature (another timestamp) is a new request.
+    assert_eq!(
+        hub.http(signed("POST", &path, body, now - 1, SECRET))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(recv(&mut ws).await["data"], "once");
+    // Nothing else was delivered: the next message is the marker.
+    let marker = r#"{"name":"ev","channels":["api-ch"],"data":"marker"}"#;
+    assert_eq!(
+        hub.http(signed("POST", &path, marker, now, SECRET)).await.0,
+        200
+    );
+    assert_eq!(recv(&mut ws).await["data"], "marker");
+    hub.stop().await;
+}
+
+/// Attacker: 70 idle TCP connections (no request head) against a hub whose
+/// descriptor limit is 64. Before: accept() failed with EMFILE, /health timed
+/// out and PHP could not reach the hub. Now the oldest pending connections are
+/// closed to make room and descriptors stay in reserve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connection_flood_leaves_health_ingest_and_websockets_working() {
+    let tun = Tunables {
+        fd_limit: Some(64),
+        ..Tunables::default()
+    };
+    let hub = start_with(config(), tun).await;
+    let mut idle = Vec::new();
+    for _ in 0..70 {
+        idle.push(TcpStream::connect(("127.0.0.1", hub.port)).await.unwrap());
+    }
+    let (status, body) = tokio::time::timeout(Duration::from_secs(3), hub.get("/health"))
+        .await
+        .expect("/health answers during the flood");
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert!(v["tcp_connections"].as_u64().unwrap() <= 40, "{v}");
+    assert!(v["pending_handshakes"].as_u64().unwrap() <= 10, "{v}");
+    assert!(hub.metric("pending_evicted_total").await >= 60);
+    let mut ing = hub.ingest().await;
+    let st: Value =
+        serde_json::from_str(&query(&mut ing, &IngestMessage::QueryStatus).await).unwrap();
+    assert_eq!(st["running"], true);
+    let (mut ws, _) = hub.ws().await;
+    assert_alive(&mut ws).await;
+    // The first idle connections were closed by the hub.
+    let mut buf = [0u8; 1];
+    let n = tokio::time::timeout(T, idle[0].read(&mut buf))
+        .await
+        .unwrap();
+    assert!(matches!(n, Ok(0) | Err(_)));
+    hub.stop().await;
+}
+
+/// Attacker: one address opens more connections than
+/// `max_connections_per_ip`. Its own oldest pending connection makes room;
+/// once all of its connections are WebSockets, new ones are refused at
+/// accept, while another address is unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_per_address_are_capped() {
+    let mut cfg = config();
+    cfg.max_connections_per_ip = 3;
+    let tun = Tunables {
+        count_loopback_per_ip: true,
+        ..Tunables::default()
+    };
+    let hub = start_with(cfg, tun).await;
+    let mut wss = Vec::new();
+    for _ in 0..3 {
+        wss.push(hub.ws().await.0);
+    }
+    let mut s = TcpStream::connect(("127.0.0.1", hub.port)).await.unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(T, s.read_to_end(&mut out))
+        .await
+        .unwrap();
+    assert!(out.is_empty(), "{}", String::from_utf8_lossy(&out));
+    assert!(hub.metric_from_other("tcp_refused_total").await >= 1);
+    for ws in &mut wss {
+        assert_alive(ws).await;
+    }
     hub.stop().await;
 }
 
@@ -869,6 +1162,9 @@ async fn session_future_is_small() {
         conns: Default::default(),
         m: Default::default(),
         redis: None,
+        replay: std::sync::Mutex::new(super::replay::Signatures::new(1)),
+        uploads_seen: Default::default(),
+        limits: super::limits::Limits::new(super::limits::Budget::derive(64, 0, 0, 0), false),
         next_id: Default::default(),
         seed: 0,
         stopping: Default::default(),

@@ -51,7 +51,7 @@ fn subscription_error(channel: &str, kind: &str, error: &str, status: u16) -> Ut
 
 /// Registers a new connection; None when `max_connections` is reached.
 pub(crate) fn register(hub: &Hub) -> Option<Arc<Conn>> {
-    let max = hub.cfg.max_connections;
+    let max = hub.limits.budget.websockets;
     let n = hub
         .m
         .connections

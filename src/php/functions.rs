@@ -7,6 +7,8 @@ use crate::php::errors::{invalid_argument, value_error};
 use crate::php::{ini, recorder};
 use crate::protocol::ingest::IngestMessage;
 use crate::protocol::pusher;
+use crate::recorder::client::QueryError;
+use crate::recorder::spawn;
 use ext_php_rs::boxed::ZBox;
 use ext_php_rs::prelude::*;
 use ext_php_rs::types::{ZendHashTable, Zval};
@@ -82,12 +84,12 @@ pub fn auth(socketId: &str, channel: &str, channelData: Option<&str>) -> PhpResu
     .map_err(invalid_argument)
 }
 
-fn query_json(msg: &IngestMessage) -> Option<serde_json::Value> {
+fn query_json(msg: &IngestMessage) -> Result<serde_json::Value, QueryError> {
     let body = recorder::query(msg, Duration::from_millis(250))?;
     if body.is_empty() {
-        return None;
+        return Err(QueryError::NoAnswer);
     }
-    serde_json::from_slice(&body).ok()
+    serde_json::from_slice(&body).map_err(|_| QueryError::NoAnswer)
 }
 
 /// Latest event data of an upload as the hub knows it; null when unknown.
@@ -99,7 +101,9 @@ pub fn progress(uploadId: &str) -> Option<ZBox<ZendHashTable>> {
     }
     match query_json(&IngestMessage::QueryProgress {
         upload_id: uploadId.to_owned(),
-    })? {
+    })
+    .ok()?
+    {
         serde_json::Value::Object(map) => Some(object_to_hashtable(&map)),
         _ => None,
     }
@@ -117,8 +121,9 @@ pub fn status_map() -> Option<serde_json::Map<String, serde_json::Value>> {
     use serde_json::{json, Value};
     let cfg = ini::config();
     let local_dropped = recorder::dropped();
-    let mut map = match query_json(&IngestMessage::QueryStatus) {
-        Some(Value::Object(m)) => m,
+    let answer = query_json(&IngestMessage::QueryStatus);
+    let mut map = match &answer {
+        Ok(Value::Object(m)) => m.clone(),
         _ => {
             let Value::Object(m) = json!({
                 "running": false,
@@ -134,14 +139,51 @@ pub fn status_map() -> Option<serde_json::Map<String, serde_json::Value>> {
             m
         }
     };
+    if let Err(QueryError::Foreign(uid)) = answer {
+        // Another user's process squats the socket name: say who, ask nothing.
+        map.insert("error".into(), json!(recorder::foreign_message(uid)));
+        map.insert("foreign_uid".into(), json!(uid));
+    }
+    let running = map.get("running").and_then(Value::as_bool) == Some(true);
+    if !running {
+        // Why no hub runs and when a worker tries again (per host, see spawn.rs).
+        if let Some(st) = recorder::spawn_state() {
+            let now = spawn::now_ms();
+            map.insert(
+                "spawn_error".into(),
+                if st.reason.is_empty() {
+                    Value::Null
+                } else {
+                    json!(st.reason)
+                },
+            );
+            map.insert("next_spawn_in_s".into(), json!(st.next_spawn_in_s(now)));
+            map.insert("spawn_attempts".into(), json!(st.failures));
+        }
+    }
     map.insert("listen".into(), json!(cfg.listen));
     map.insert("hub_socket".into(), json!(cfg.hub_socket));
     map.insert("mode".into(), json!(cfg.hub.as_str()));
+    if !cfg.redis_url.is_empty() {
+        map.insert(
+            "redis_url".into(),
+            json!(crate::redis_url::redacted_list(&cfg.redis_url)),
+        );
+    }
     let hub_dropped = map
         .get("events_dropped")
         .and_then(Value::as_u64)
         .unwrap_or(0);
     map.insert("events_dropped".into(), json!(hub_dropped + local_dropped));
     map.insert("events_dropped_here".into(), json!(local_dropped));
+    // Whatever the hub said, no credential leaves through this array.
+    for v in map.values_mut() {
+        if let Value::String(s) = v {
+            let clean = crate::redis_url::scrub(s, &cfg.redis_url, &cfg.app_secret);
+            if clean != *s {
+                *s = clean;
+            }
+        }
+    }
     Some(map)
 }

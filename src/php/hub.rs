@@ -1,6 +1,6 @@
 //! `UploadProgress\Hub::run()`: the hub in the foreground of a CLI process.
 //! The auto-spawned hub runs exactly this, with the bound ingest socket
-//! inherited on fd 3.
+//! inherited on fd 3 and the spawning worker's settings on fd 4.
 
 use crate::hub::{self, HubOptions};
 use crate::php::errors::Exception;
@@ -9,17 +9,32 @@ use crate::recorder::spawn::{self, ENV_WATCH_PID};
 use ext_php_rs::exception::PhpException;
 use ext_php_rs::prelude::*;
 use std::os::unix::net::UnixListener;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 #[php_class]
 #[php(name = "UploadProgress\\Hub")]
 #[derive(Default)]
 pub struct Hub;
 
+fn exception(msg: String) -> PhpException {
+    PhpException::from_class::<Exception>(msg)
+}
+
 #[php_impl]
 impl Hub {
     /// Runs the hub until SIGTERM/SIGINT (or until the watched FPM master exits).
     pub fn run() -> PhpResult<()> {
-        let cfg = ini::config().clone();
+        // A spawned hub runs with exactly the settings of the worker that
+        // spawned it; a hub started by hand reads php.ini.
+        let cfg = match spawn::inherited_config() {
+            Some(Ok(cfg)) => {
+                ini::set_config(cfg.clone());
+                cfg
+            }
+            Some(Err(e)) => return Err(exception(format!("Hub::run(): {e}"))),
+            None => ini::config().clone(),
+        };
         // The PHP CLI installs its own SIGTERM/SIGINT handlers, which the hub's
         // handlers would chain to: they re-raise and kill the process before
         // the graceful shutdown (close 4200) can run.
@@ -34,10 +49,12 @@ impl Hub {
             .map_err(|e| PhpException::from_class::<Exception>(format!("Hub::run(): {e}")))?;
         if cfg.app_secret.is_empty() {
             // An empty HMAC key would let anyone sign private subscriptions.
-            return Err(PhpException::from_class::<Exception>(format!(
-                "Hub::run(): no app secret: set upload_progress.app_secret or make {} writable",
+            let why = format!(
+                "no app secret: set upload_progress.app_secret or make {} writable",
                 cfg.storage_dir.display()
-            )));
+            );
+            let _ = spawn::with_state(&cfg.hub_file("spawn"), |s| s.exited(&why));
+            return Err(exception(format!("Hub::run(): {why}")));
         }
         let listener = match spawn::inherited_listener() {
             Some(fd) => fd,
@@ -47,7 +64,7 @@ impl Hub {
                 } else {
                     e.to_string()
                 };
-                PhpException::from_class::<Exception>(format!(
+                exception(format!(
                     "Hub::run(): cannot bind the ingest socket \"{}\": {why}",
                     cfg.hub_socket
                 ))
@@ -60,18 +77,61 @@ impl Hub {
         std::env::remove_var(ENV_WATCH_PID);
         let _ = std::fs::create_dir_all(&cfg.storage_dir);
         let pid_file = cfg.hub_file("pid");
-        let _ = std::fs::write(&pid_file, std::process::id().to_string());
+        let state_file = cfg.hub_file("spawn");
+        // 0600, no symlink followed, not another user's file (see spawn.rs).
+        let pid_written = match spawn::write_pid_file(&pid_file) {
+            Ok(()) => true,
+            Err(e) => {
+                hub::log(format_args!("no pid file: {e}"));
+                false
+            }
+        };
+        // A hub that is still serving after a few seconds ran successfully:
+        // the workers' spawn backoff starts over (a thread of this CLI
+        // process; never in an FPM worker).
+        let done = Arc::new(AtomicBool::new(false));
+        {
+            let done = done.clone();
+            let state_file = state_file.clone();
+            let _ = std::thread::Builder::new()
+                .name("upload-progress-ran-ok".into())
+                .spawn(move || {
+                    std::thread::sleep(spawn::RAN_OK_AFTER);
+                    let _ = spawn::with_state(&state_file, |s| {
+                        if !done.load(Ordering::SeqCst) {
+                            s.ran_ok();
+                        }
+                    });
+                });
+        }
+        let redis_url = cfg.redis_url.clone();
+        let secret = cfg.app_secret.clone();
         let result = hub::run(HubOptions {
             config: cfg,
             version: recorder::VERSION.to_owned(),
             ingest: UnixListener::from(listener),
             watch_pid,
         });
-        if std::fs::read_to_string(&pid_file)
-            .is_ok_and(|p| p.trim() == std::process::id().to_string())
+        if let Err(e) = &result {
+            // The workers log this once and back off before the next spawn.
+            let reason = crate::redis_url::scrub(e, &redis_url, &secret);
+            let _ = spawn::with_state(&state_file, |s| {
+                done.store(true, Ordering::SeqCst);
+                s.exited(&reason);
+            });
+        }
+        done.store(true, Ordering::SeqCst);
+        if pid_written
+            && std::fs::read_to_string(&pid_file)
+                .is_ok_and(|p| p.trim() == std::process::id().to_string())
         {
             let _ = std::fs::remove_file(&pid_file);
         }
-        result.map_err(|e| PhpException::from_class::<Exception>(format!("Hub::run(): {e}")))
+        result.map_err(|e| {
+            exception(format!(
+                "Hub::run(): {}",
+                crate::redis_url::scrub(&e, &redis_url, &secret)
+            ))
+        })
     }
 }

@@ -1,4 +1,5 @@
-//! `php --ri upload_progress` / phpinfo(): version, hub state, every directive.
+//! `php --ri upload_progress` / phpinfo(): version, hub state (with why it
+//! does not run), every directive (secrets masked by their displayers, ini.rs).
 
 use crate::php::{functions, recorder, sapi};
 use ext_php_rs::zend::ModuleEntry;
@@ -23,6 +24,14 @@ pub unsafe extern "C" fn module_info(module: *mut ModuleEntry) {
                         "running (pid {}, {} connections)",
                         m.get("pid").map_or("?".into(), ToString::to_string),
                         m.get("connections").map_or("0".into(), ToString::to_string)
+                    )
+                } else if let Some(err) = m.get("error").and_then(serde_json::Value::as_str) {
+                    format!("not running: {err}")
+                } else if let Some(err) = m.get("spawn_error").and_then(serde_json::Value::as_str) {
+                    format!(
+                        "not running: the last hub exited: {err}; next start in {} s",
+                        m.get("next_spawn_in_s")
+                            .map_or("0".into(), ToString::to_string)
                     )
                 } else {
                     "not running".to_owned()

@@ -2,13 +2,15 @@
 
 use crate::config::{parse_origins, Config, HubMode, DEFAULT_APP_ID, DEFAULT_APP_KEY};
 use crate::secret;
+use ext_php_rs::ffi::{php_output_write, zend_ini_entry};
 use ext_php_rs::flags::IniEntryPermission;
 use ext_php_rs::zend::{ExecutorGlobals, IniEntryDef, IniEntryDefs};
 use once_cell::sync::OnceCell;
+use std::ffi::c_int;
 use std::path::PathBuf;
 
 /// Name and default of every directive, in the order `php --ri` shows them.
-pub const DIRECTIVES: [(&str, &str); 18] = [
+pub const DIRECTIVES: [(&str, &str); 21] = [
     ("upload_progress.enabled", "1"),
     ("upload_progress.storage_dir", ""),
     ("upload_progress.hub", "auto"),
@@ -17,7 +19,7 @@ pub const DIRECTIVES: [(&str, &str); 18] = [
     ("upload_progress.app_id", ""),
     ("upload_progress.app_key", ""),
     ("upload_progress.app_secret", ""),
-    ("upload_progress.allowed_origins", "*"),
+    ("upload_progress.allowed_origins", ""),
     ("upload_progress.progress_param", "X-Progress-ID"),
     ("upload_progress.min_interval_ms", "100"),
     ("upload_progress.chunk_size", "8388608"),
@@ -25,6 +27,9 @@ pub const DIRECTIVES: [(&str, &str); 18] = [
     ("upload_progress.expire_seconds", "86400"),
     ("upload_progress.activity_timeout", "30"),
     ("upload_progress.max_connections", "0"),
+    ("upload_progress.max_pending_handshakes", "0"),
+    ("upload_progress.max_connections_per_ip", "256"),
+    ("upload_progress.handshake_timeout", "10"),
     ("upload_progress.redis_url", ""),
     ("upload_progress.php_binary", ""),
 ];
@@ -35,7 +40,7 @@ macro_rules! system {
     };
 }
 
-static INI_ENTRIES: IniEntryDefs<19> = IniEntryDefs::new([
+static INI_ENTRIES: IniEntryDefs<22> = IniEntryDefs::new([
     system!(c"upload_progress.enabled", c"1"),
     system!(c"upload_progress.storage_dir", c""),
     system!(c"upload_progress.hub", c"auto"),
@@ -43,8 +48,11 @@ static INI_ENTRIES: IniEntryDefs<19> = IniEntryDefs::new([
     system!(c"upload_progress.hub_socket", c""),
     system!(c"upload_progress.app_id", c""),
     system!(c"upload_progress.app_key", c""),
-    system!(c"upload_progress.app_secret", c""),
-    system!(c"upload_progress.allowed_origins", c"*"),
+    IniEntryDef {
+        displayer: Some(display_masked),
+        ..system!(c"upload_progress.app_secret", c"")
+    },
+    system!(c"upload_progress.allowed_origins", c""),
     system!(c"upload_progress.progress_param", c"X-Progress-ID"),
     system!(c"upload_progress.min_interval_ms", c"100"),
     system!(c"upload_progress.chunk_size", c"8388608"),
@@ -52,10 +60,78 @@ static INI_ENTRIES: IniEntryDefs<19> = IniEntryDefs::new([
     system!(c"upload_progress.expire_seconds", c"86400"),
     system!(c"upload_progress.activity_timeout", c"30"),
     system!(c"upload_progress.max_connections", c"0"),
-    system!(c"upload_progress.redis_url", c""),
+    system!(c"upload_progress.max_pending_handshakes", c"0"),
+    system!(c"upload_progress.max_connections_per_ip", c"256"),
+    system!(c"upload_progress.handshake_timeout", c"10"),
+    IniEntryDef {
+        displayer: Some(display_masked),
+        ..system!(c"upload_progress.redis_url", c"")
+    },
     system!(c"upload_progress.php_binary", c""),
     IniEntryDef::end(),
 ]);
+
+/// What phpinfo() and `php --ri` show for a secret directive: `********` for
+/// a set app_secret, the Redis URL(s) with their passwords replaced.
+pub fn masked_value(name: &str, value: &str) -> String {
+    if value.is_empty() {
+        return String::new();
+    }
+    if name.ends_with(".app_secret") {
+        "********".to_owned()
+    } else {
+        crate::redis_url::redacted_list(value)
+    }
+}
+
+/// zend_ini_entry displayer (ZEND_INI_DISPLAY_ORIG = 1, ACTIVE = 2).
+unsafe extern "C" fn display_masked(entry: *mut zend_ini_entry, kind: c_int) {
+    let _ = std::panic::catch_unwind(|| {
+        // SAFETY: PHP passes one of its live ini entries.
+        let Some(entry) = (unsafe { entry.as_ref() }) else {
+            return;
+        };
+        let value = if kind == 1 && entry.modified != 0 {
+            entry.orig_value
+        } else {
+            entry.value
+        };
+        let string = |z: *mut ext_php_rs::ffi::zend_string| -> String {
+            // SAFETY: ini names and values are live zend_strings or null.
+            unsafe { z.as_ref() }.map_or_else(String::new, |z| {
+                String::from_utf8_lossy(z.as_bytes()).into_owned()
+            })
+        };
+        let shown = masked_value(&string(entry.name), &string(value));
+        let as_text = crate::php::sapi::get()
+            .filter(|s| !s.sapi_module.is_null())
+            // SAFETY: sapi_module is PHP's live global.
+            .is_none_or(|s| unsafe { (*s.sapi_module).phpinfo_as_text != 0 });
+        let out = match (shown.is_empty(), as_text) {
+            (true, true) => "no value".to_owned(),
+            (true, false) => "<i>no value</i>".to_owned(),
+            (false, true) => shown,
+            (false, false) => html_escape(&shown),
+        };
+        // SAFETY: writes our bytes to PHP's output layer.
+        unsafe { php_output_write(out.as_ptr().cast(), out.len()) };
+    });
+}
+
+fn html_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#039;"),
+            _ => out.push(c),
+        }
+    }
+    out
+}
 
 pub fn register(module_number: i32) {
     IniEntryDef::register(INI_ENTRIES.as_slice(), module_number);
@@ -78,6 +154,12 @@ pub fn current_values() -> Vec<(String, String)> {
 }
 
 static CONFIG: OnceCell<Config> = OnceCell::new();
+
+/// The spawned hub's settings, received from its spawner: from then on
+/// `config()` returns exactly these (first caller wins).
+pub fn set_config(cfg: Config) {
+    let _ = CONFIG.set(cfg);
+}
 
 /// The process's configuration, read on first use: in FPM that is the first
 /// request, after the pool's php_admin_value entries were applied.
@@ -139,11 +221,7 @@ pub fn build_config(values: &[(String, String)]) -> Config {
         "" => Config::default_hub_socket(unsafe { libc::getuid() }, &listen),
         s => s.to_owned(),
     };
-    // The spawned hub receives an explicit secret through its environment, not argv.
-    let configured_secret = std::env::var("UPLOAD_PROGRESS_APP_SECRET")
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| get("upload_progress.app_secret").trim().to_owned());
+    let configured_secret = get("upload_progress.app_secret").trim().to_owned();
     let app_secret = if configured_secret.is_empty() {
         secret::load_or_create(&storage_dir).unwrap_or_default()
     } else {
@@ -166,6 +244,9 @@ pub fn build_config(values: &[(String, String)]) -> Config {
         expire_seconds: u64_value(get("upload_progress.expire_seconds"), 86400),
         activity_timeout: u64_value(get("upload_progress.activity_timeout"), 30),
         max_connections: u64_value(get("upload_progress.max_connections"), 0),
+        max_pending_handshakes: u64_value(get("upload_progress.max_pending_handshakes"), 0),
+        max_connections_per_ip: u64_value(get("upload_progress.max_connections_per_ip"), 256),
+        handshake_timeout: u64_value(get("upload_progress.handshake_timeout"), 10),
         redis_url: get("upload_progress.redis_url").trim().to_owned(),
         php_binary: get("upload_progress.php_binary").trim().to_owned(),
     }

@@ -4,8 +4,8 @@
 use crate::config::{Config, HubMode};
 use crate::php::{ini, sapi};
 use crate::protocol::ingest::IngestMessage;
-use crate::recorder::client::IngestClient;
-use crate::recorder::spawn::{self, SpawnSpec, ENV_WATCH_PID};
+use crate::recorder::client::{own_uid, ConnectError, IngestClient, QueryError};
+use crate::recorder::spawn::{self, SpawnOutcome, SpawnSpec, ENV_WATCH_PID};
 use crate::recorder::{header_env_name, query_param, stream_id, valid_progress_id, BodyTracker};
 use once_cell::sync::OnceCell;
 use std::cell::{Cell, RefCell};
@@ -19,6 +19,8 @@ struct Process {
     client: IngestClient,
     stream_counter: u32,
     last_spawn: Option<Instant>,
+    /// The foreign holder of the socket name this process already reported.
+    foreign_reported: Option<u32>,
 }
 
 thread_local! {
@@ -51,20 +53,55 @@ fn with_process<R>(f: impl FnOnce(&mut Process) -> R) -> Option<R> {
             client: IngestClient::new(cfg.hub_socket.clone(), VERSION.to_owned()),
             stream_counter: 0,
             last_spawn: None,
+            foreign_reported: None,
         });
         Some(f(proc_))
     })
 }
 
 /// Runs `f` with the process's ingest client and the callback that spawns a
-/// hub when none listens.
+/// hub when none listens; reports a foreign holder of the socket name found
+/// on the way.
 fn with_client<R>(f: impl FnOnce(&mut IngestClient, &mut dyn FnMut()) -> R) -> Option<R> {
     with_process(|p| {
         let Process {
             client, last_spawn, ..
-        } = p;
-        f(client, &mut || maybe_spawn(last_spawn))
+        } = &mut *p;
+        let out = f(client, &mut || maybe_spawn(last_spawn));
+        if let Some(uid) = p.client.foreign_holder() {
+            if p.foreign_reported != Some(uid) {
+                p.foreign_reported = Some(uid);
+                report_foreign(uid);
+            }
+        }
+        out
     })
+}
+
+/// What a foreign holder of the socket name means, for logs and hub_status().
+pub fn foreign_message(uid: u32) -> String {
+    format!(
+        "the ingest socket {} is held by a process of uid {uid}, not of this user (uid {}): \
+         nothing is sent to it and no hub can start under that name; stop that process or set \
+         upload_progress.hub_socket to a path in a directory only this user can write",
+        ini::config().hub_socket,
+        own_uid()
+    )
+}
+
+/// Logs a foreign holder once per host (the spawn-state file remembers it),
+/// or once per process when that file cannot be used.
+fn report_foreign(uid: u32) {
+    let cfg = ini::config();
+    let first = spawn::with_state(&cfg.hub_file("spawn"), |s| {
+        let first = s.foreign_uid != Some(uid);
+        s.foreign_uid = Some(uid);
+        first
+    })
+    .unwrap_or(true);
+    if first {
+        log_warning(&format!("upload_progress: {}", foreign_message(uid)));
+    }
 }
 
 /// Hands a message to the hub; false when it was dropped.
@@ -89,13 +126,27 @@ pub fn dropped() -> u64 {
 }
 
 /// A bounded request/response with the hub (separate connection).
-pub fn query(msg: &IngestMessage, timeout: Duration) -> Option<Vec<u8>> {
+pub fn query(msg: &IngestMessage, timeout: Duration) -> Result<Vec<u8>, QueryError> {
     let cfg = ini::config();
     if !cfg.enabled {
-        return None;
+        return Err(QueryError::NoAnswer);
     }
     let client = IngestClient::new(cfg.hub_socket.clone(), VERSION.to_owned());
-    client.query(msg, timeout)
+    let out = client.query(msg, timeout);
+    if let Err(QueryError::Foreign(uid)) = out {
+        let _ = with_process(|p| {
+            if p.foreign_reported != Some(uid) {
+                p.foreign_reported = Some(uid);
+                report_foreign(uid);
+            }
+        });
+    }
+    out
+}
+
+/// This host's spawn bookkeeping (backoff, last exit reason), if any.
+pub fn spawn_state() -> Option<spawn::SpawnState> {
+    spawn::read_state(&ini::config().hub_file("spawn"))
 }
 
 /// Which SAPI this process runs, read once.
@@ -139,16 +190,108 @@ fn maybe_spawn(last_spawn: &mut Option<Instant>) {
     let Some(spec) = spawn_spec(cfg) else { return };
     // Mode 0700 when missing (create_dir_all would make it 0755, then refused as unsafe).
     let _ = crate::storage::root::Root::open(&cfg.storage_dir);
-    if let Err(e) = spawn::spawn(&spec) {
-        log_warning(&format!(
+    // The backoff is per host: every worker reads and updates the same state
+    // under its lock, and the spawn itself happens under it (a few ms), so
+    // two workers never both count one attempt.
+    let state_path = cfg.hub_file("spawn");
+    let attempt = spawn::with_state(&state_path, |st| {
+        let t = spawn::now_ms();
+        if !st.reason.is_empty() && !st.logged {
+            st.logged = true;
+            log_warning(&format!(
+                "upload_progress: the hub exited: {}; next start in {} s (then backing off up to {} s)",
+                st.reason,
+                st.next_spawn_in_s(t),
+                spawn::BACKOFF_CAP.as_secs()
+            ));
+        }
+        if !st.try_start(t) {
+            return Ok(SpawnOutcome::AlreadyRunning);
+        }
+        let outcome = spawn::spawn(&spec);
+        match &outcome {
+            Ok(SpawnOutcome::Spawned | SpawnOutcome::SpawnedWithoutLog(_)) => {}
+            Ok(SpawnOutcome::Foreign(uid)) => {
+                st.exited(&foreign_message(*uid));
+                st.logged = true; // reported below, once
+            }
+            // Counted as a failed spawn (backoff), and logged once from the state.
+            Ok(SpawnOutcome::NotAccepting) => st.exited(&format!(
+                "the ingest socket {} is bound by a process that does not accept \
+                 connections (not a hub of this user); set upload_progress.hub_socket \
+                 to a path in a directory only this user can write",
+                spec.socket_name
+            )),
+            _ => st.undo_start(t),
+        }
+        outcome
+    });
+    let outcome = match attempt {
+        Ok(o) => o,
+        // Without the state file (storage root unusable) the per-process
+        // pause above still holds.
+        Err(e) => {
+            log_warning_once(&format!(
+                "upload_progress: cannot use {}: {e}",
+                state_path.display()
+            ));
+            spawn::spawn(&spec)
+        }
+    };
+    match outcome {
+        // (This runs inside with_client: the process state is borrowed, and
+        // the per-host state file keeps this to one line.)
+        Ok(SpawnOutcome::Foreign(uid)) => report_foreign(uid),
+        Ok(SpawnOutcome::SpawnedWithoutLog(e)) => {
+            log_warning_once(&format!("upload_progress: hub log refused: {e}"));
+        }
+        Ok(_) => {}
+        Err(e) => log_warning(&format!(
             "upload_progress: could not start the hub with {}: {e}",
             spec.program
-        ));
+        )),
     }
 }
 
+/// `php_log_err_with_severity` from the PHP binary, looked up at run time.
+type LogErrFn = unsafe extern "C" fn(msg: *const c_char, syslog_type: c_int);
+
+/// Writes to the PHP error log (`error_log`, else the SAPI's log: the FPM
+/// log for workers): never to the page (display_errors), never through a
+/// user error handler that could turn it into an exception.
 fn log_warning(msg: &str) {
-    eprintln!("{msg}");
+    static LOG: OnceCell<Option<LogErrFn>> = OnceCell::new();
+    let f = LOG.get_or_init(|| {
+        // SAFETY: dlsym of a PHPAPI function with the declared signature.
+        let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"php_log_err_with_severity".as_ptr()) };
+        // SAFETY: a non-null symbol of that name is that function.
+        (!p.is_null()).then(|| unsafe { std::mem::transmute::<*mut c_void, LogErrFn>(p) })
+    });
+    let text = crate::redis_url::scrub(msg, &ini::config().redis_url, &ini::config().app_secret);
+    match (f, std::ffi::CString::new(text.replace('\0', " "))) {
+        // SAFETY: NUL-terminated message; LOG_WARNING as PHP's own warnings.
+        (Some(f), Ok(c)) => unsafe { f(c.as_ptr(), libc::LOG_WARNING) },
+        _ => eprintln!("{text}"),
+    }
+}
+
+/// Logs `msg` the first time this process sees it.
+fn log_warning_once(msg: &str) {
+    thread_local! {
+        static SEEN: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
+    }
+    let first = SEEN.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.iter().any(|m| m == msg) || s.len() > 16 {
+            false
+        } else {
+            s.push(msg.to_owned());
+            true
+        }
+    });
+    if first {
+        log_warning(msg);
+    }
 }
 
 /// Absolute path of this extension's shared object (dladdr on our own code).
@@ -205,24 +348,16 @@ fn php_binary(cfg: &Config) -> Option<String> {
 fn spawn_spec(cfg: &Config) -> Option<SpawnSpec> {
     let program = php_binary(cfg)?;
     let ext = extension_path()?;
-    let mut args = vec!["-n".to_owned(), "-d".into(), format!("extension={ext}")];
-    let mut configured_secret = String::new();
-    for (name, value) in ini::current_values() {
-        let value = match name.as_str() {
-            // Passed in the environment, never on a command line `ps` shows.
-            "upload_progress.app_secret" => {
-                configured_secret = value.trim().to_owned();
-                continue;
-            }
-            "upload_progress.storage_dir" => cfg.storage_dir.to_string_lossy().into_owned(),
-            "upload_progress.hub_socket" => cfg.hub_socket.clone(),
-            _ => value,
-        };
-        args.push("-d".into());
-        args.push(format!("{name}={value}"));
-    }
-    args.push("-r".into());
-    args.push("UploadProgress\\Hub::run();".into());
+    // Only what is not a setting: the settings themselves go on a descriptor
+    // (see `spawn`), since argv is public and INI re-parsing changes values.
+    let args = vec![
+        "-n".to_owned(),
+        "-d".into(),
+        format!("extension={ext}"),
+        "-r".into(),
+        "UploadProgress\\Hub::run();".into(),
+    ];
+    let config = serde_json::to_vec(cfg).ok()?;
     // The FPM master outlives workers and keeps its pid across reloads.
     // SAFETY: getppid/getpid never fail.
     let watch = if sapi_kind() == SapiKind::Fpm {
@@ -230,22 +365,20 @@ fn spawn_spec(cfg: &Config) -> Option<SpawnSpec> {
     } else {
         unsafe { libc::getpid() }
     };
-    let mut env = vec![
+    let env = vec![
         (
             "PATH".to_owned(),
             std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
         ),
         (ENV_WATCH_PID.to_owned(), watch.to_string()),
     ];
-    if !configured_secret.is_empty() {
-        env.push(("UPLOAD_PROGRESS_APP_SECRET".into(), configured_secret));
-    }
     Some(SpawnSpec {
         program,
         args,
         env,
         log_path: cfg.hub_file("log").to_string_lossy().into_owned(),
         socket_name: cfg.hub_socket.clone(),
+        config: Some(config),
     })
 }
 
@@ -298,7 +431,7 @@ fn on_body_read(n: usize) {
             .and_then(|mut t| t.as_mut().map(|t| t.on_read(n, Instant::now())))
     });
     for m in messages.unwrap_or_default() {
-        send(&m);
+        send(&m.tagged_request());
     }
 }
 
@@ -323,7 +456,7 @@ fn on_multipart_end() {
             .and_then(|mut t| t.as_mut().map(BodyTracker::on_parsed_end))
     });
     for m in messages.unwrap_or_default() {
-        send(&m);
+        send(&m.tagged_request());
     }
 }
 
@@ -413,15 +546,18 @@ pub fn uninstall_hooks() {
 /// RINIT: make sure a hub runs (auto mode) so browsers can connect before
 /// anything is published; costs one peek on the kept connection.
 pub fn request_startup() {
+    // The CLI (the hub itself, scripts) never spawns: decided before the
+    // configuration is built, so the hub reads its own first.
+    if sapi_kind() == SapiKind::Other {
+        return;
+    }
     let cfg = ini::config();
     if !active(cfg) || !may_spawn(cfg) {
         return;
     }
     with_client(|client, no_hub| {
         client.check_alive();
-        if !client.is_connected()
-            && client.connect(false) == Err(crate::recorder::client::ConnectError::NoHub)
-        {
+        if !client.is_connected() && client.connect(false) == Err(ConnectError::NoHub) {
             no_hub();
             let _ = client.connect(true);
         }
@@ -435,7 +571,7 @@ fn end_of_request_body() {
     let tracker = TRACKER.with(|t| t.try_borrow_mut().ok().and_then(|mut t| t.take()));
     if let Some(mut tracker) = tracker {
         for m in tracker.abandon() {
-            send(&m);
+            send(&m.tagged_request());
         }
     }
 }

@@ -56,6 +56,25 @@ pub enum IngestMessage {
     QueryProgress { upload_id: String },
     /// Ask for the hub's status; answered with one JSON frame.
     QueryStatus,
+    /// A `Progress`, `StreamEnd` or `Terminal` of a plain request tagged with
+    /// an id (`X-Progress-ID`, no `Upload` object). Anyone who can send an
+    /// HTTP request makes these, so the hub never lets them speak on the
+    /// channel of an `Upload`. On the wire: kind 8, then the inner body.
+    TaggedRequest(Box<IngestMessage>),
+}
+
+impl IngestMessage {
+    /// This message as sent for a plain tagged request (see `TaggedRequest`).
+    pub fn tagged_request(&self) -> IngestMessage {
+        match self {
+            IngestMessage::Progress(_)
+            | IngestMessage::StreamEnd { .. }
+            | IngestMessage::Terminal { .. } => {
+                IngestMessage::TaggedRequest(Box::new(self.clone()))
+            }
+            other => other.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,10 +118,18 @@ const STREAM_END: u8 = 4;
 const TERMINAL: u8 = 5;
 const QUERY_PROGRESS: u8 = 6;
 const QUERY_STATUS: u8 = 7;
+const TAGGED_REQUEST: u8 = 8;
 
 /// Appends one length-prefixed frame to `out`.
 pub fn encode(msg: &IngestMessage, out: &mut Vec<u8>) {
     let start = out.len();
+    if let IngestMessage::TaggedRequest(inner) = msg {
+        encode(inner, out);
+        // The inner frame's length prefix stays; one more byte for the kind.
+        out.insert(start + 4, TAGGED_REQUEST);
+        finish(out, start);
+        return;
+    }
     out.extend_from_slice(&[0; 4]);
     match msg {
         IngestMessage::Hello { version, dropped } => {
@@ -155,6 +182,7 @@ pub fn encode(msg: &IngestMessage, out: &mut Vec<u8>) {
             put_str(out, upload_id);
         }
         IngestMessage::QueryStatus => out.push(QUERY_STATUS),
+        IngestMessage::TaggedRequest(_) => {}
     }
     if !matches!(msg, IngestMessage::Publish { .. }) {
         finish(out, start);
@@ -248,6 +276,19 @@ pub fn decode(body: &[u8]) -> Result<IngestMessage, DecodeError> {
             upload_id: r.string()?,
         },
         QUERY_STATUS => IngestMessage::QueryStatus,
+        TAGGED_REQUEST => {
+            let inner = decode(r.buf)?;
+            if !matches!(
+                inner,
+                IngestMessage::Progress(_)
+                    | IngestMessage::StreamEnd { .. }
+                    | IngestMessage::Terminal { .. }
+            ) {
+                // Only body reports can be tagged (and no nesting).
+                return Err(DecodeError::UnknownKind(TAGGED_REQUEST));
+            }
+            IngestMessage::TaggedRequest(Box::new(inner))
+        }
         other => return Err(DecodeError::UnknownKind(other)),
     };
     Ok(msg)
@@ -336,6 +377,53 @@ mod tests {
             upload_id: "x".into(),
         });
         roundtrip(IngestMessage::QueryStatus);
+        let p = IngestMessage::Progress(ProgressReport {
+            upload_id: "x".into(),
+            stream: 2,
+            bytes_total: 10,
+            chunk_count: 1,
+            stored_bytes: 0,
+            chunks_done: 0,
+            inflight: 4,
+        });
+        roundtrip(p.tagged_request());
+        roundtrip(
+            IngestMessage::Terminal {
+                upload_id: "x".into(),
+                event: "complete".into(),
+                fields: "{}".into(),
+            }
+            .tagged_request(),
+        );
+        roundtrip(
+            IngestMessage::StreamEnd {
+                upload_id: "x".into(),
+                stream: 9,
+                outcome: StreamOutcome::Stored,
+                stored_bytes: 5,
+                chunks_done: 1,
+            }
+            .tagged_request(),
+        );
+        // Only body reports are tagged.
+        assert_eq!(
+            IngestMessage::QueryStatus.tagged_request(),
+            IngestMessage::QueryStatus
+        );
+    }
+
+    #[test]
+    fn tagged_frames_carry_only_body_reports() {
+        let mut buf = Vec::new();
+        encode(&IngestMessage::QueryStatus, &mut buf);
+        let mut body = vec![TAGGED_REQUEST];
+        body.extend_from_slice(&buf[4..]);
+        assert_eq!(decode(&body), Err(DecodeError::UnknownKind(TAGGED_REQUEST)));
+        assert_eq!(
+            decode(&[TAGGED_REQUEST, TAGGED_REQUEST, PROGRESS]),
+            Err(DecodeError::Truncated)
+        );
+        assert_eq!(decode(&[TAGGED_REQUEST]), Err(DecodeError::Truncated));
     }
 
     #[test]

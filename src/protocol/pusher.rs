@@ -38,7 +38,9 @@ pub fn validate_channel(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// 1 to 200 characters, not starting with `pusher:` or `pusher_internal:`.
+/// 1 to 200 bytes, no control characters (they would reach every client's
+/// event dispatch and every log line), not starting with `pusher:` or
+/// `pusher_internal:`.
 pub fn validate_event(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("invalid event name \"\": it must not be empty".into());
@@ -48,6 +50,11 @@ pub fn validate_event(name: &str) -> Result<(), String> {
             "invalid event name {:?}: {} bytes, at most {MAX_EVENT_LEN} are allowed",
             truncate(name, 40),
             name.len()
+        ));
+    }
+    if let Some(c) = name.chars().find(|c| c.is_control()) {
+        return Err(format!(
+            "invalid event name {name:?}: control character {c:?} is not allowed"
         ));
     }
     if name.starts_with("pusher:") || name.starts_with("pusher_internal:") {
@@ -319,6 +326,20 @@ mod tests {
         assert!(validate_event("").is_err());
         assert!(validate_event("pusher:subscribe").is_err());
         assert!(validate_event("pusher_internal:x").is_err());
+        // Control characters (C0, DEL, C1) are refused and named in the message.
+        for bad in [
+            "a\nb",
+            "a\rb",
+            "\u{0}",
+            "tab\t",
+            "del\u{7f}",
+            "c1\u{85}",
+            "\u{1b}[31m",
+        ] {
+            let e = validate_event(bad).unwrap_err();
+            assert!(e.contains("control character"), "{bad:?}: {e}");
+        }
+        validate_event("événement ünïcode").unwrap();
     }
 
     #[test]

@@ -14,6 +14,18 @@ pub enum ConnectError {
     NoHub,
     /// Something else (backlog full, resource limits): just try later.
     Other(i32),
+    /// A process of another uid holds the name (a squatter on the predictable
+    /// abstract name): nothing is written to it, and no hub is spawned.
+    Foreign(u32),
+}
+
+/// Why a query got no answer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum QueryError {
+    /// No hub, a timeout or a malformed answer.
+    NoAnswer,
+    /// The listener belongs to another uid: it was not asked anything.
+    Foreign(u32),
 }
 
 pub struct IngestClient {
@@ -27,6 +39,8 @@ pub struct IngestClient {
     dropped_total: u64,
     dropped_unreported: u64,
     last_attempt: Option<Instant>,
+    /// Uid of a foreign process found holding the name at the last attempt.
+    foreign: Option<u32>,
 }
 
 /// Builds a `sockaddr_un` for a path or an `@abstract` name.
@@ -67,6 +81,52 @@ fn stream_socket(nonblocking: bool) -> io::Result<OwnedFd> {
     }
     // SAFETY: fd is a fresh descriptor we own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The effective uid of this process: the only uid a hub of ours runs as.
+pub fn own_uid() -> u32 {
+    // SAFETY: geteuid never fails.
+    unsafe { libc::geteuid() }
+}
+
+/// The uid of the process at the other end of a connected Unix socket (for a
+/// listening peer: the one that called listen()).
+pub fn peer_uid(fd: &OwnedFd) -> io::Result<u32> {
+    // SAFETY: ucred is plain old data.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt with a buffer of the size it is told.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cred.uid)
+}
+
+/// Ok when the peer runs as our euid; `Foreign(uid)` otherwise. A peer whose
+/// credentials cannot be read is not trusted either.
+fn check_peer(fd: &OwnedFd) -> Result<(), u32> {
+    match peer_uid(fd) {
+        Ok(uid) if uid == own_uid() => Ok(()),
+        Ok(uid) => Err(uid),
+        Err(_) => Err(u32::MAX),
+    }
+}
+
+/// Who listens on `name`: `Some(uid)` of the listener, `None` when nobody
+/// accepts (or the name cannot be reached). Nothing is written.
+pub fn holder_uid(name: &str) -> Option<u32> {
+    let fd = stream_socket(true).ok()?;
+    connect(&fd, name).ok()?;
+    peer_uid(&fd).ok()
 }
 
 fn connect(fd: &OwnedFd, name: &str) -> io::Result<()> {
@@ -115,7 +175,14 @@ impl IngestClient {
             dropped_total: 0,
             dropped_unreported: 0,
             last_attempt: None,
+            foreign: None,
         }
+    }
+
+    /// The uid of another user's process found on the socket name at the
+    /// last connection attempt, if any.
+    pub fn foreign_holder(&self) -> Option<u32> {
+        self.foreign
     }
 
     pub fn socket_name(&self) -> &str {
@@ -187,11 +254,20 @@ impl IngestClient {
         if let Err(e) = connect(&fd, &self.socket_name) {
             let code = e.raw_os_error().unwrap_or(0);
             return Err(if code == libc::ECONNREFUSED || code == libc::ENOENT {
+                self.foreign = None;
                 ConnectError::NoHub
             } else {
                 ConnectError::Other(code)
             });
         }
+        // The name is predictable and abstract names have no permissions: make
+        // sure the listener is our own hub before a single byte (even Hello)
+        // goes out.
+        if let Err(uid) = check_peer(&fd) {
+            self.foreign = Some(uid);
+            return Err(ConnectError::Foreign(uid));
+        }
+        self.foreign = None;
         self.fd = Some(fd);
         self.pending.clear();
         let mut hello = Vec::with_capacity(32);
@@ -257,7 +333,7 @@ impl IngestClient {
                             break;
                         }
                     }
-                    Err(ConnectError::Other(_)) => break,
+                    Err(ConnectError::Other(_) | ConnectError::Foreign(_)) => break,
                 }
             }
             if self.write_frame(frame) {
@@ -299,8 +375,8 @@ impl IngestClient {
 
     /// A request/response exchange on a separate short-lived blocking
     /// connection (the shared one must never wait), bounded by `timeout`.
-    pub fn query(&self, msg: &IngestMessage, timeout: Duration) -> Option<Vec<u8>> {
-        let fd = stream_socket(false).ok()?;
+    pub fn query(&self, msg: &IngestMessage, timeout: Duration) -> Result<Vec<u8>, QueryError> {
+        let fd = stream_socket(false).map_err(|_| QueryError::NoAnswer)?;
         let tv = libc::timeval {
             tv_sec: timeout.as_secs() as libc::time_t,
             tv_usec: timeout.subsec_micros() as libc::suseconds_t,
@@ -317,7 +393,9 @@ impl IngestClient {
                 );
             }
         }
-        connect(&fd, &self.socket_name).ok()?;
+        connect(&fd, &self.socket_name).map_err(|_| QueryError::NoAnswer)?;
+        // A squatter would answer progress() and hub_status() with anything.
+        check_peer(&fd).map_err(QueryError::Foreign)?;
         let mut frame = Vec::new();
         ingest::encode(
             &IngestMessage::Hello {
@@ -329,19 +407,19 @@ impl IngestClient {
         ingest::encode(msg, &mut frame);
         let mut file = std::fs::File::from(fd);
         use std::io::{Read, Write};
-        file.write_all(&frame).ok()?;
+        file.write_all(&frame).map_err(|_| QueryError::NoAnswer)?;
         let deadline = Instant::now() + timeout;
         let mut buf = Vec::with_capacity(1024);
         let mut chunk = [0u8; 4096];
         loop {
             if let Ok(Some((len, total))) = ingest::frame_len(&buf) {
-                return Some(buf[4..4 + len.min(total - 4)].to_vec());
+                return Ok(buf[4..4 + len.min(total - 4)].to_vec());
             }
             if Instant::now() > deadline {
-                return None;
+                return Err(QueryError::NoAnswer);
             }
             match file.read(&mut chunk) {
-                Ok(0) | Err(_) => return None,
+                Ok(0) | Err(_) => return Err(QueryError::NoAnswer),
                 Ok(n) => buf.extend_from_slice(&chunk[..n]),
             }
         }
@@ -349,7 +427,7 @@ impl IngestClient {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::io::Read;
     use std::os::unix::net::UnixListener;
@@ -399,6 +477,102 @@ mod tests {
                 event: "ev".into(),
                 data: "{\"a\":1}".into()
             }
+        );
+    }
+
+    /// A listener of another uid on `name` (root only: None otherwise). It
+    /// accepts connections, counts the bytes each one received until EOF and
+    /// reports every count (u64) on the returned pipe.
+    pub(crate) fn foreign_listener(name: &str) -> Option<(libc::pid_t, std::fs::File)> {
+        // SAFETY: geteuid never fails.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root to listen as another uid");
+            return None;
+        }
+        let (addr, len) = sockaddr(name).unwrap();
+        let mut fds = [0; 2];
+        let mut ready = [0; 2];
+        // SAFETY: plain pipes; the child below only makes async-signal-safe calls.
+        unsafe {
+            assert_eq!(libc::pipe(fds.as_mut_ptr()), 0);
+            assert_eq!(libc::pipe(ready.as_mut_ptr()), 0);
+            let pid = libc::fork();
+            assert!(pid >= 0);
+            if pid == 0 {
+                libc::setgroups(0, std::ptr::null());
+                libc::setgid(65534);
+                if libc::setuid(65534) != 0 {
+                    libc::_exit(2);
+                }
+                let l = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+                if libc::bind(l, (&addr as *const libc::sockaddr_un).cast(), len) != 0
+                    || libc::listen(l, 8) != 0
+                {
+                    libc::_exit(3);
+                }
+                libc::write(ready[1], b"r".as_ptr().cast(), 1);
+                loop {
+                    let c = libc::accept(l, std::ptr::null_mut(), std::ptr::null_mut());
+                    if c < 0 {
+                        break;
+                    }
+                    let mut total: u64 = 0;
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        let n = libc::read(c, buf.as_mut_ptr().cast(), buf.len());
+                        if n <= 0 {
+                            break;
+                        }
+                        total += n as u64;
+                    }
+                    libc::close(c);
+                    libc::write(fds[1], (&total as *const u64).cast(), 8);
+                }
+                libc::_exit(0);
+            }
+            libc::close(fds[1]);
+            libc::close(ready[1]);
+            let mut b = 0u8;
+            assert_eq!(libc::read(ready[0], (&mut b as *mut u8).cast(), 1), 1);
+            libc::close(ready[0]);
+            Some((pid, std::fs::File::from_raw_fd(fds[0])))
+        }
+    }
+
+    #[test]
+    fn nothing_is_written_to_a_listener_of_another_uid() {
+        let name = format!("@upload-progress-squat-test-{}", std::process::id());
+        let Some((pid, mut report)) = foreign_listener(&name) else {
+            return;
+        };
+        let mut client = IngestClient::new(name.clone(), "v".into());
+        let mut spawned = 0;
+        assert!(!client.publish("c", "e", "{}", &mut || spawned += 1));
+        assert_eq!(spawned, 0, "a foreign holder is no reason to spawn");
+        assert_eq!(client.foreign_holder(), Some(65534));
+        assert_eq!(
+            client.connect(true),
+            Err(ConnectError::Foreign(65534)),
+            "refused again on every attempt"
+        );
+        assert_eq!(
+            client.query(&IngestMessage::QueryStatus, Duration::from_millis(200)),
+            Err(QueryError::Foreign(65534))
+        );
+        assert_eq!(holder_uid(&name), Some(65534));
+        drop(client);
+        std::thread::sleep(Duration::from_millis(300));
+        // SAFETY: ending and reaping our own child.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            libc::waitpid(pid, std::ptr::null_mut(), 0);
+        }
+        let mut counts = Vec::new();
+        report.read_to_end(&mut counts).unwrap();
+        assert!(counts.len() >= 8, "the squatter saw the connections");
+        assert!(
+            counts.iter().all(|b| *b == 0),
+            "not even a Hello was sent: {counts:?}"
         );
     }
 

@@ -152,8 +152,12 @@ export function sha256File(file) {
   return hash.digest('hex');
 }
 
+// The demo gives uploads to the session that created them (an HttpOnly cookie). Every
+// page of this run starts with the same session, so checks from Node can read them.
+export const OWNER = crypto.randomBytes(16).toString('hex');
+
 export async function getJson(url) {
-  const res = await fetch(url, { headers: { Accept: 'application/json' } });
+  const res = await fetch(url, { headers: { Accept: 'application/json', Cookie: `upload_owner=${OWNER}` } });
   const text = await res.text();
   let json = null;
   try { json = JSON.parse(text); } catch { /* not JSON */ }
@@ -169,6 +173,7 @@ export async function launchBrowser() {
 /** A page that records uncaught errors; `errors` collects them. */
 export async function openPage(browser, url) {
   const context = await browser.newContext({ viewport: { width: 1100, height: 720 } });
+  await context.addCookies([{ name: 'upload_owner', value: OWNER, url: new URL(url).origin + '/api/', httpOnly: true, sameSite: 'Strict' }]);
   const page = await context.newPage();
   const errors = [];
   page.on('pageerror', (err) => errors.push(String(err?.stack || err)));

@@ -37,10 +37,12 @@ async function storedFileMatches(stack, id) {
   const st = await getJson(`${stack.baseUrl}/api/uploads/${id}`);
   assert.equal(st.status, 200, `GET /api/uploads/${id}: ${st.text}`);
   assert.equal(st.json.state, 'complete');
-  assert.ok(st.json.path, 'status has a path once complete');
-  assert.ok(fs.existsSync(st.json.path), `stored file ${st.json.path} exists`);
-  assert.equal(fs.statSync(st.json.path).size, file.size, 'stored size');
-  assert.equal(sha256File(st.json.path), file.sha256, 'sha256 of the stored file equals the source');
+  // The server's path stays on the server: the file is where the storage layout puts it.
+  assert.equal(st.json.path, undefined, 'no server path in JSON sent to browsers');
+  const stored = path.join(stack.storageDir, id, 'data');
+  assert.ok(fs.existsSync(stored), `stored file ${stored} exists`);
+  assert.equal(fs.statSync(stored).size, file.size, 'stored size');
+  assert.equal(sha256File(stored), file.sha256, 'sha256 of the stored file equals the source');
   return st.json;
 }
 
@@ -244,7 +246,8 @@ test('several files at once; cancel removes one upload on the server, the others
         await row.and(page.locator('[data-state="complete"]')).waitFor({ timeout: 120000 });
         const id = await row.getAttribute('data-upload-id');
         const st = (await getJson(`${stack.baseUrl}/api/uploads/${id}`)).json;
-        assert.equal(sha256File(st.path), f.sha256, `${f.path} stored intact`);
+        assert.equal(st.state, 'complete');
+        assert.equal(sha256File(path.join(stack.storageDir, id, 'data')), f.sha256, `${f.path} stored intact`);
       }
       assert.deepEqual(errors, [], 'no uncaught page errors');
     } finally {

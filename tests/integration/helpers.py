@@ -3,6 +3,7 @@ via the `websockets` package (a real, independent Pusher-protocol client)."""
 import hashlib
 import hmac
 import json
+import secrets
 import time
 import urllib.error
 import urllib.request
@@ -10,8 +11,23 @@ import urllib.request
 from websockets.sync.client import connect
 
 
+# The demo gives each upload to the browser session that created it (an HttpOnly
+# cookie with 128 random bits). The tests act as one browser; a test that plays a
+# second session sends another cookie (or none).
+OWNER = secrets.token_hex(16)
+OWNER_COOKIE = f"upload_owner={OWNER}"
+
+
+def with_owner(headers=None):
+    """`headers` plus this test run's session cookie (unless one is given)."""
+    headers = dict(headers or {})
+    if not any(k.lower() == "cookie" for k in headers):
+        headers["Cookie"] = OWNER_COOKIE
+    return headers
+
+
 def http(method, url, body=None, headers=None, timeout=30):
-    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    req = urllib.request.Request(url, data=body, method=method, headers=with_owner(headers))
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, r.read()

@@ -38,7 +38,7 @@ from pathlib import Path
 import pytest
 
 from conftest import pid_alive, read_hub_pid
-from helpers import Pusher, data_of, http as request
+from helpers import OWNER_COOKIE, Pusher, data_of, http as request, with_owner
 
 MiB = 1 << 20
 N_UPLOADS = int(os.environ.get("FAULTS_UPLOADS", "50"))
@@ -57,7 +57,7 @@ class Client:
         for attempt in range(attempts):
             try:
                 c = http.client.HTTPConnection("127.0.0.1", self.s.http_port, timeout=60)
-                c.request(method, path, body=body, headers=headers or {})
+                c.request(method, path, body=body, headers=with_owner(headers))
                 r = c.getresponse()
                 data = r.read()
                 c.close()
@@ -172,7 +172,7 @@ def wait_new_hub(stack, old, timeout=20):
 def drop_mid_chunk(stack, upload_id, index, length):
     """Sends half of a chunk's body, then closes the connection."""
     c = socket.create_connection(("127.0.0.1", stack.http_port), timeout=10)
-    c.sendall((f"PUT /api/uploads/{upload_id}/chunks/{index} HTTP/1.1\r\nHost: x\r\n"
+    c.sendall((f"PUT /api/uploads/{upload_id}/chunks/{index} HTTP/1.1\r\nHost: x\r\nCookie: {OWNER_COOKIE}\r\n"
                f"Content-Type: application/octet-stream\r\nContent-Length: {length}\r\n\r\n").encode())
     c.sendall(b"\xee" * (length // 2))
     time.sleep(0.05)
@@ -236,7 +236,8 @@ def _run_faults(make_stack, store, sizes):
             stats.chunk_done()
         _, st = cl.call("POST", f"/api/uploads/{u['id']}/complete")
         u["completed_at"] = time.time()
-        u["path"] = st["path"]
+        assert "path" not in st, "no server path in JSON sent to browsers"
+        u["path"] = os.path.join(s.storage_dir, u["id"], "data")
 
     def controller():
         def at(frac):

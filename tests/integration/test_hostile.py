@@ -35,7 +35,7 @@ from urllib.parse import quote
 import pytest
 
 from conftest import pid_alive
-from helpers import Pusher, data_of, http as request, sign_channel
+from helpers import OWNER_COOKIE, Pusher, data_of, http as request, sign_channel
 from test_hub import hub_up, sign_api
 
 KEY = "upload-progress"
@@ -570,6 +570,9 @@ def storage_digest(root):
 
 
 def raw_http(port, raw, read=True, timeout=10):
+    # Raw requests belong to the test's session too (after the request line).
+    if b"\r\ncookie:" not in raw.lower():
+        raw = raw.replace(b"\r\n", b"\r\nCookie: " + OWNER_COOKIE.encode() + b"\r\n", 1)
     c = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     try:
         c.sendall(raw)

@@ -11,7 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from helpers import Pusher, data_of, http as request
+from helpers import OWNER_COOKIE, Pusher, data_of, http as request, with_owner
 from test_hub import hub_up
 from test_progress import subscribe_upload
 
@@ -42,7 +42,7 @@ def create(s, size, chunk_size, sha256=None):
 
 def put_chunk(s, upload_id, index, data, checksum=None):
     conn = http.client.HTTPConnection("127.0.0.1", s.http_port, timeout=120)
-    headers = {"Content-Type": "application/octet-stream"}
+    headers = with_owner({"Content-Type": "application/octet-stream"})
     if checksum:
         headers["X-Chunk-Checksum"] = checksum
     conn.request("PUT", f"/api/uploads/{upload_id}/chunks/{index}", body=data, headers=headers)
@@ -112,7 +112,8 @@ def test_one_gib_parallel_shuffled_with_duplicate_and_corrupt_chunk(make_stack, 
     assert st["missing"] == [] and st["chunks_done"] == count and st["bytes_done"] == size
     status, done = request("POST", f"{s.base_url}/api/uploads/{uid}/complete")
     assert status == 200, done
-    path = json.loads(done)["path"]
+    assert "path" not in json.loads(done), "no server path in JSON sent to browsers"
+    path = os.path.join(s.storage_dir, uid, "data")
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while b := f.read(16 * MiB):
@@ -127,7 +128,8 @@ def test_one_gib_parallel_shuffled_with_duplicate_and_corrupt_chunk(make_stack, 
     msgs = c.events(lambda m: m.get("event") == "complete", timeout=30)
     progress = [data_of(m) for m in msgs if m["event"] == "progress"]
     assert progress and all(a["seq"] < b["seq"] for a, b in zip(progress, progress[1:]))
-    assert data_of(msgs[-1])["path"] == path
+    assert "path" not in data_of(msgs[-1]), "no server path in events"
+    assert data_of(msgs[-1])["state"] == "complete"
     c.close()
 
 
@@ -142,7 +144,7 @@ def test_worker_killed_mid_chunk_leaves_chunk_missing_and_resend_completes(make_
     # chunk 1 arrives slowly; all workers are SIGKILLed while it streams
     import socket
     sock = socket.create_connection(("127.0.0.1", s.http_port))
-    sock.sendall(f"PUT /api/uploads/{uid}/chunks/1 HTTP/1.1\r\nHost: x\r\nContent-Length: {chunk}\r\n\r\n".encode())
+    sock.sendall(f"PUT /api/uploads/{uid}/chunks/1 HTTP/1.1\r\nHost: x\r\nCookie: {OWNER_COOKIE}\r\nContent-Length: {chunk}\r\n\r\n".encode())
     sock.sendall(data[chunk:chunk + 3 * MiB])
     time.sleep(0.5)
     for pid in fpm_children(s):

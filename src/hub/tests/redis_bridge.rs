@@ -426,3 +426,91 @@ async fn tls_bridge() {
     let _ = child.wait();
     assert_eq!(state.unwrap(), b"abcd");
 }
+
+/// Attacker: a plain request tagged with an Upload's id lands on host B
+/// while the Upload's chunks go to host A (or the Upload exists only in the
+/// Redis state). Before: B's report went through the Redis script like any
+/// other and ended the Upload's channel on every host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tagged_requests_are_refused_for_uploads_of_any_host() {
+    let Some(redis) = RedisServer::start(free_port()).await else {
+        eprintln!("redis-server not installed: skipped");
+        return;
+    };
+    let a = bridged(&redis.url()).await;
+    let b = bridged(&redis.url()).await;
+    let mut ing_a = a.ingest().await;
+    let mut ing_b = b.ingest().await;
+    let (mut ws, sid) = b.ws().await;
+    let ch = "private-upload.r1";
+    subscribe(&mut ws, &sid, ch).await;
+    until_bridged(&mut ing_a, &mut ws, ch).await;
+
+    send_ingest(&mut ing_a, &report("r1", 1, 100, 0, 0)).await;
+    let m = recv(&mut ws).await;
+    assert_eq!(m["event"], "progress");
+    let first = data_of(&m)["seq"].as_u64().unwrap();
+    let forged = IngestMessage::Terminal {
+        upload_id: "r1".into(),
+        event: "complete".into(),
+        fields: "{}".into(),
+    };
+    send_ingest(&mut ing_b, &forged.tagged_request()).await;
+    send_ingest(&mut ing_b, &report("r1", 9, 4000, 0, 0).tagged_request()).await;
+    // Published on the upload channel: delivered, never kept in Redis.
+    send_ingest(&mut ing_a, &publish(ch, "note", r#"{"text":"hi"}"#)).await;
+    assert_eq!(recv(&mut ws).await["event"], "note");
+    send_ingest(&mut ing_a, &report("r1", 1, 200, 0, 0)).await;
+    let m = recv(&mut ws).await;
+    assert_eq!(m["event"], "progress", "{m}");
+    let d = data_of(&m);
+    assert_eq!(d["bytes_done"], 200);
+    assert!(d["seq"].as_u64().unwrap() > first);
+    assert_eq!(b.metric("tagged_refused_total").await, 2);
+    // A new subscriber on A replays the real latest event from Redis.
+    let (mut wa, sid_a) = a.ws().await;
+    subscribe(&mut wa, &sid_a, ch).await;
+    let m = recv(&mut wa).await;
+    assert_eq!(
+        (m["event"].as_str(), data_of(&m)["bytes_done"].as_u64()),
+        (Some("progress"), Some(200))
+    );
+
+    // An Upload that exists only in the Redis state (created on another
+    // host, no chunk yet).
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut c = client.get_connection().unwrap();
+    let key = format!(
+        "{}upload:{{private-upload.r2}}",
+        crate::redis_url::key_prefix(APP)
+    );
+    redis::cmd("HSET")
+        .arg(&key)
+        .arg("state")
+        .arg("uploading")
+        .query::<i64>(&mut c)
+        .unwrap();
+    let forged = IngestMessage::Terminal {
+        upload_id: "r2".into(),
+        event: "complete".into(),
+        fields: "{}".into(),
+    };
+    send_ingest(&mut ing_b, &forged.tagged_request()).await;
+    for _ in 0..100 {
+        if b.metric("tagged_refused_total").await == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(b.metric("tagged_refused_total").await, 3);
+    let p = query(
+        &mut ing_a,
+        &IngestMessage::QueryProgress {
+            upload_id: "r2".into(),
+        },
+    )
+    .await;
+    assert_eq!(p, "");
+    a.stop().await;
+    b.stop().await;
+}

@@ -1,0 +1,3 @@
+<?php
+// HTML phpinfo() of the module section (masking of secret directives).
+phpinfo(INFO_MODULES);
