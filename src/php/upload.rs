@@ -457,9 +457,9 @@ impl Upload {
         let status = store.complete(&self.id).map_err(storage_error)?;
         let path = status.path.clone().unwrap_or_default();
         if !was_complete {
+            // No server path: events go to browsers (CONTRACT.md).
             let mut fields = serde_json::json!({
                 "bytes_total": status.total_bytes,
-                "path": path,
             });
             if let Some(sha) = &status.sha256 {
                 fields["sha256"] = serde_json::Value::String(sha.clone());

@@ -220,7 +220,8 @@ def run_two_host_upload(make_stack, tmp_path, redis_url, numsub, size=24 * MiB, 
     elapsed = time.time() - t0
     done = json.loads(done)
     assert done["state"] == "complete"
-    assert hashlib.sha256(Path(done["path"]).read_bytes()).hexdigest() == digest
+    # no server path in the demo's JSON: the file is <storage_dir>/<id>/data
+    assert hashlib.sha256((Path(a.storage_dir) / up["id"] / "data").read_bytes()).hexdigest() == digest
     mine = collect_until_complete(c, channel)
     progress, final = check_stream(mine, n, size)
     # progress() on A, which never had a subscriber: Redis knows the end.
@@ -313,7 +314,8 @@ def test_redis_restart_mid_upload(make_stack, tmp_path, redis_servers):
     status, done = request("POST", f"{a.base_url}/api/uploads/{up['id']}/complete")
     assert status == 200, done
     done = json.loads(done)
-    assert hashlib.sha256(Path(done["path"]).read_bytes()).hexdigest() == digest
+    # no server path in the demo's JSON: the file is <storage_dir>/<id>/data
+    assert hashlib.sha256((Path(a.storage_dir) / up["id"] / "data").read_bytes()).hexdigest() == digest
     mine = collect_until_complete(c, channel)
     check_stream(mine, n, size, every_chunk=False)
     c.close()

@@ -162,7 +162,8 @@ def test_worker_killed_mid_chunk_leaves_chunk_missing_and_resend_completes(make_
     assert put_chunk(s, uid, 1, data[chunk:])[0] == 200
     status, done = request("POST", f"{s.base_url}/api/uploads/{uid}/complete")
     assert status == 200, done
-    assert hashlib.sha256(Path(json.loads(done)["path"]).read_bytes()).hexdigest() == hashlib.sha256(data).hexdigest()
+    # no server path in the demo's JSON: the file is <storage_dir>/<id>/data
+    assert hashlib.sha256((Path(s.storage_dir) / uid / "data").read_bytes()).hexdigest() == hashlib.sha256(data).hexdigest()
 
 
 def test_disk_full_gives_storage_error_and_stays_resumable(make_stack, tmp_path):
@@ -196,6 +197,6 @@ def test_disk_full_gives_storage_error_and_stays_resumable(make_stack, tmp_path)
         assert put_chunk(s, up["id"], 1, data[chunk:2 * chunk])[0] == 200
         status, done = request("POST", f"{s.base_url}/api/uploads/{up['id']}/complete")
         assert status == 200
-        assert hashlib.sha256(Path(json.loads(done)["path"]).read_bytes()).hexdigest() == hashlib.sha256(data[:2 * chunk]).hexdigest()
+        assert hashlib.sha256((Path(s.storage_dir) / up["id"] / "data").read_bytes()).hexdigest() == hashlib.sha256(data[:2 * chunk]).hexdigest()
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
