@@ -25,8 +25,25 @@ fn error(root: &Root, what: &str, e: &io::Error) -> StorageError {
     ))
 }
 
+/// Why the last [`load_or_create`] of this process failed (for messages of callers that
+/// only see an empty secret).
+static LAST_ERROR: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+/// The error of the last failed [`load_or_create`], if the last call failed.
+pub fn last_error() -> Option<String> {
+    LAST_ERROR.lock().ok().and_then(|e| e.clone())
+}
+
 /// The secret of `storage_dir`, created (32 random bytes in hex, mode 0600) when missing.
 pub fn load_or_create(storage_dir: &Path) -> Result<String, StorageError> {
+    let result = load_or_create_inner(storage_dir);
+    if let Ok(mut last) = LAST_ERROR.lock() {
+        *last = result.as_ref().err().map(ToString::to_string);
+    }
+    result
+}
+
+fn load_or_create_inner(storage_dir: &Path) -> Result<String, StorageError> {
     let root = Root::open(storage_dir)?;
     match read(&root) {
         Ok(s) if !s.is_empty() => return Ok(s),

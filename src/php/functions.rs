@@ -69,10 +69,13 @@ pub fn publish(channel: &str, event: &str, data: &Zval) -> PhpResult<bool> {
 pub fn auth(socketId: &str, channel: &str, channelData: Option<&str>) -> PhpResult<String> {
     let cfg = ini::config();
     if cfg.app_secret.is_empty() {
-        return Err(invalid_argument(format!(
-            "auth(): no app secret: set upload_progress.app_secret or make {} writable",
-            cfg.storage_dir.display()
-        )));
+        return Err(invalid_argument(match crate::secret::last_error() {
+            Some(why) => format!("auth(): no app secret: {why}"),
+            None => format!(
+                "auth(): no app secret: set upload_progress.app_secret or make {} writable",
+                cfg.storage_dir.display()
+            ),
+        }));
     }
     pusher::channel_auth(
         &cfg.app_key,
