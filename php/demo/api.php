@@ -317,8 +317,8 @@ function status_for(Throwable $e, string $context): int
         $e instanceof HttpError => $e->status,
         $e instanceof \UploadProgress\NotFoundException => 404,
         $e instanceof \UploadProgress\ChecksumMismatchException => 422,
-        // code 409: the upload is complete/aborted, or another request writes that chunk.
-        $e instanceof \UploadProgress\InvalidChunkException => $context === 'complete' || $e->getCode() === 409 ? 409 : 422,
+        // code 409: the upload is complete/aborted; 423: another request writes that chunk.
+        $e instanceof \UploadProgress\InvalidChunkException => $context === 'complete' || in_array($e->getCode(), [409, 423], true) ? 409 : 422,
         $e instanceof \UploadProgress\StorageException => is_disk_full($e) ? 507 : (is_state_unavailable($e) ? 503 : 500),
         $e instanceof \ValueError, $e instanceof \InvalidArgumentException, $e instanceof \TypeError,
         $e instanceof \ArgumentCountError => 400,
@@ -442,6 +442,10 @@ function put_chunk(string $id, string $indexRaw): void
     try {
         $status = $upload->writeChunk($index, null, $checksum);
     } catch (\UploadProgress\InvalidChunkException $e) {
+        // Code 423: another request is writing this chunk right now; nothing was read.
+        if ($e->getCode() === 423) {
+            throw new HttpError(409, $e->getMessage(), ['Retry-After' => '1']);
+        }
         // A chunk for an upload that is no longer uploading is a conflict with its state,
         // not a malformed chunk (docs/client.md): 409.
         if (($upload->status()['state'] ?? 'uploading') !== 'uploading') {

@@ -99,9 +99,14 @@ pub fn invalid_argument(message: impl Into<String>) -> PhpException {
 }
 
 /// `getCode()` of an `InvalidChunkException` for a chunk refused because of the upload's
-/// state rather than its bytes: the upload is complete or aborted, or another request is
-/// writing the same chunk. An HTTP front answers 409 Conflict for it.
+/// state rather than its bytes: the upload is complete or aborted. An HTTP front answers
+/// 409 Conflict for it.
 pub const CHUNK_CONFLICT_CODE: i32 = 409;
+
+/// `getCode()` of an `InvalidChunkException` for a chunk another request is writing right
+/// now (its lock stayed busy for the wait bound): nothing was read; retry later. An HTTP
+/// front answers 409 too (with `Retry-After`), or 423 Locked.
+pub const CHUNK_BUSY_CODE: i32 = 423;
 
 pub fn storage_error(err: StorageError) -> PhpException {
     let message = err.to_string();
@@ -114,6 +119,11 @@ pub fn storage_error(err: StorageError) -> PhpException {
         StorageError::Conflict(_) => PhpException::new(
             message,
             CHUNK_CONFLICT_CODE,
+            InvalidChunkException::get_metadata().ce(),
+        ),
+        StorageError::ChunkBusy(_) => PhpException::new(
+            message,
+            CHUNK_BUSY_CODE,
             InvalidChunkException::get_metadata().ce(),
         ),
         StorageError::ChecksumMismatch { .. } => {

@@ -9,7 +9,7 @@ use std::path::Path;
 /// Payload conventions (the PHP wrapper maps the variants to exceptions):
 /// - `InvalidId(id)` and `NotFound(id)` carry the upload id as given (`InvalidId` shortens ids
 ///   longer than 128 bytes); `Display` builds the sentence.
-/// - `InvalidArgument`, `InvalidChunk`, `Conflict`, `NoSpace`, `Io` and `Unavailable` carry the complete, human readable
+/// - `InvalidArgument`, `InvalidChunk`, `Conflict`, `ChunkBusy`, `NoSpace`, `Io` and `Unavailable` carry the complete, human readable
 ///   message, which names the offending value.
 /// - `ChecksumMismatch` with `index == u64::MAX` ([`WHOLE_FILE`]) is the whole-file sha256 check
 ///   of `complete()`; any other index is the chunk whose `sha256:` checksum did not match.
@@ -24,9 +24,12 @@ pub enum StorageError {
     /// Chunk index out of range, wrong chunk length, or chunks missing at completion.
     InvalidChunk(String),
     /// The chunk cannot be written in the upload's current state: the upload is complete or
-    /// aborted, or another request is writing the same chunk (its lock was not free within
-    /// the wait bound). Nothing was written. PHP: `InvalidChunkException` with code 409.
+    /// aborted. Nothing was read or written. PHP: `InvalidChunkException` with code 409.
     Conflict(String),
+    /// Another request is writing the same chunk (its lock was not free within the wait
+    /// bound). Nothing was read or written; worth a retry later. PHP:
+    /// `InvalidChunkException` with code 423.
+    ChunkBusy(String),
     /// The data did not hash to the expected value; nothing was marked stored.
     ChecksumMismatch {
         /// Chunk index, or [`WHOLE_FILE`] for the whole-file check of `complete()`.
@@ -70,6 +73,7 @@ impl fmt::Display for StorageError {
             StorageError::InvalidArgument(m)
             | StorageError::InvalidChunk(m)
             | StorageError::Conflict(m)
+            | StorageError::ChunkBusy(m)
             | StorageError::NoSpace(m)
             | StorageError::Io(m)
             | StorageError::Unavailable(m) => f.write_str(m),

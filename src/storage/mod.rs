@@ -41,7 +41,7 @@
 //! 1. Read the manifest; a chunk already stored returns `already_stored = true` at once,
 //!    without reading the source.
 //! 2. Take the chunk lock (waits at most [`CHUNK_LOCK_WAIT`] for a concurrent writer of the
-//!    same chunk, then `Conflict`), re-read the manifest, return `already_stored = true` if
+//!    same chunk, then `ChunkBusy`), re-read the manifest, return `already_stored = true` if
 //!    that writer stored it meanwhile. A complete or aborted upload is `Conflict` too. The
 //!    write's descriptors are registered (`inflight`) so that a PHP bailout cannot keep them.
 //! 3. Stream the source in blocks of 1 MiB into the data file at the chunk's offset, hashing
@@ -134,7 +134,7 @@ pub const BLOCK_SIZE: usize = 1 << 20;
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 /// Environment variable of the disk-full fault hook (see the module documentation).
 pub const FAULT_ENOSPC_ENV: &str = "UPLOAD_PROGRESS_FAULT_ENOSPC_AFTER";
-/// Longest wait for the lock of a chunk another request is writing; then `Conflict`.
+/// Longest wait for the lock of a chunk another request is writing; then `ChunkBusy`.
 pub const CHUNK_LOCK_WAIT: Duration = Duration::from_secs(10);
 /// Longest wait for the manifest lock (held while a completion hashes the file).
 pub const MANIFEST_LOCK_WAIT: Duration = Duration::from_secs(60);
@@ -278,7 +278,7 @@ impl Store {
     }
 
     /// Sets how long a writer waits for the lock of a chunk another request is writing
-    /// (then `Conflict`) and for the manifest lock.
+    /// (then `ChunkBusy`) and for the manifest lock.
     pub fn set_lock_waits(&mut self, chunk: Duration, manifest: Duration) {
         self.chunk_lock_wait = chunk;
         self.manifest_lock_wait = manifest;
@@ -408,8 +408,8 @@ impl Store {
     ///
     /// A chunk already stored returns at once with `already_stored = true` without reading
     /// `source`; so does a writer that waited for a concurrent writer of the same chunk. That
-    /// wait is bounded ([`CHUNK_LOCK_WAIT`]): then `Conflict`, as for a chunk sent to a
-    /// complete or aborted upload. Any error leaves the chunk missing: it can be resent.
+    /// wait is bounded ([`CHUNK_LOCK_WAIT`]): then `ChunkBusy`. A chunk sent to a complete
+    /// or aborted upload is `Conflict`, its source unread. Any error leaves the chunk missing: it can be resent.
     pub fn write_chunk_sized(
         &self,
         id: &str,
@@ -443,7 +443,7 @@ impl Store {
         let _chunk_lock = ByteLock::acquire_within(&lock_file, 1 + index, self.chunk_lock_wait)
             .map_err(|e| io_error(&format!("locking chunk {index} in"), &lock_path, &e))?
             .ok_or_else(|| {
-                StorageError::Conflict(format!(
+                StorageError::ChunkBusy(format!(
                     "chunk {index} of upload {id} is being written by another request \
                      (still busy after {} ms); nothing was written, retry later",
                     self.chunk_lock_wait.as_millis()

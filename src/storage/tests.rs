@@ -1512,7 +1512,7 @@ fn a_second_writer_of_a_busy_chunk_gets_a_conflict_in_bounded_time() {
     let t = Instant::now();
     let (e, m) = msg(store.write_chunk(&st.id, 0, &mut MustNotRead, None, &mut |_| {}));
     let waited = t.elapsed();
-    assert!(matches!(e, StorageError::Conflict(_)), "{e:?}");
+    assert!(matches!(e, StorageError::ChunkBusy(_)), "{e:?}");
     assert!(m.contains("being written by another request"), "{m}");
     assert!(
         waited >= Duration::from_millis(250) && waited < Duration::from_secs(3),

@@ -17,7 +17,10 @@ from pathlib import Path
 import pytest
 
 from conftest import EXT
-from helpers import http
+import urllib.error
+import urllib.request
+
+from helpers import OWNER_COOKIE, http
 
 PHP = shutil.which("php8.2") or shutil.which("php")
 NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
@@ -207,22 +210,36 @@ def test_a_second_writer_of_a_busy_chunk_gets_409_in_bounded_time(make_stack, mo
     """Attacker: trickles chunk 0 (half of it, then nothing) and sends chunk 0 again.
     Old code made the second request wait on F_OFD_SETLKW for as long as the first one
     stayed open (forever here). Now it waits at most the lock bound (1 s in this test,
-    UPLOAD_PROGRESS_LOCK_WAIT_MS) and gets InvalidChunkException code 409 (demo: 409)."""
+    UPLOAD_PROGRESS_LOCK_WAIT_MS) and gets InvalidChunkException code 423 (demo: 409 with
+    Retry-After)."""
     monkeypatch.setenv("UPLOAD_PROGRESS_LOCK_WAIT_MS", "1000")
     s = make_stack()
-    upload_id = create(s, 2 << 20, 1 << 20)
+    status, body = http("POST", f"{s.base_url}/api/uploads", headers={"Content-Type": "application/json"},
+                        body=json.dumps({"size": 2 << 20, "name": "x", "chunk_size": 1 << 20}).encode())
+    assert status == 201, body
+    upload_id = json.loads(body)["id"]
     c = socket.create_connection(("127.0.0.1", s.http_port))
     try:
-        c.sendall((f"PUT /t/storage_chunk.php?op=put&id={upload_id}&index=0 HTTP/1.1\r\n"
-                   f"Host: 127.0.0.1\r\nContent-Length: {1 << 20}\r\n\r\n").encode() + b"a" * (1 << 19))
+        c.sendall((f"PUT /api/uploads/{upload_id}/chunks/0 HTTP/1.1\r\n"
+                   f"Host: 127.0.0.1\r\nCookie: {OWNER_COOKIE}\r\n"
+                   f"Content-Length: {1 << 20}\r\n\r\n").encode() + b"a" * (1 << 19))
         time.sleep(1.0)  # the first writer holds chunk 0's lock now
         t = time.time()
         status, body = put(s, upload_id, 0, b"b" * (1 << 20), timeout=20)
         waited = time.time() - t
         err = json.loads(body)
         assert status == 400 and err["class"] == "UploadProgress\\InvalidChunkException", body
-        assert err["code"] == 409 and "being written by another request" in err["message"], err
+        assert err["code"] == 423 and "being written by another request" in err["message"], err
         assert 0.8 < waited < 5, waited
+        # The demo answers 409 with Retry-After (docs/client.md).
+        req = urllib.request.Request(f"{s.base_url}/api/uploads/{upload_id}/chunks/0", data=b"b" * (1 << 20),
+                                     method="PUT", headers={"Cookie": OWNER_COOKIE})
+        try:
+            urllib.request.urlopen(req, timeout=20)
+            raise AssertionError("a busy chunk was accepted")
+        except urllib.error.HTTPError as e:
+            assert e.code == 409 and e.headers.get("Retry-After") == "1", (e.code, dict(e.headers))
+            assert b"being written by another request" in e.read()
         # Another chunk of the same upload is not held up.
         status, body = put(s, upload_id, 1, b"c" * (1 << 20), timeout=20)
         assert status == 200, body
