@@ -478,3 +478,92 @@ pub fn open_file_under_root(root: &Path, name: &str, how: OpenHow) -> Result<Fil
 pub fn check(path: &Path) -> Result<bool, StorageError> {
     Root::open_existing(path).map(|r| r.is_some())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+    use std::io::{Read, Write};
+    use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+
+    fn root() -> (tempfile::TempDir, PathBuf) {
+        let tmp = tempfile::tempdir().unwrap();
+        let r = tmp.path().join("root");
+        (tmp, r)
+    }
+
+    /// The helper other modules use for pid/log files: new files 0600 whatever the umask,
+    /// appends go to the end, and a planted symlink, hard link, FIFO or foreign file is
+    /// refused without being opened for writing (old code followed links with fs::write).
+    #[test]
+    fn open_file_under_root_refuses_planted_names() {
+        let (tmp, r) = root();
+        let mut f = open_file_under_root(&r, "hub.log", OpenHow::Append).unwrap();
+        f.write_all(b"one\n").unwrap();
+        let mut f = open_file_under_root(&r, "hub.log", OpenHow::Append).unwrap();
+        f.write_all(b"two\n").unwrap();
+        assert_eq!(fs::read(r.join("hub.log")).unwrap(), b"one\ntwo\n");
+        assert_eq!(
+            fs::metadata(r.join("hub.log")).unwrap().mode() & 0o7777,
+            0o600
+        );
+        assert_eq!(fs::metadata(&r).unwrap().mode() & 0o7777, 0o700);
+        let mut s = String::new();
+        open_file_under_root(&r, "hub.log", OpenHow::Read)
+            .unwrap()
+            .read_to_string(&mut s)
+            .unwrap();
+        assert_eq!(s, "one\ntwo\n");
+
+        let victim = tmp.path().join("victim");
+        fs::write(&victim, b"precious").unwrap();
+        fs::set_permissions(&victim, fs::Permissions::from_mode(0o600)).unwrap();
+        symlink(&victim, r.join("hub.pid")).unwrap();
+        for how in [
+            OpenHow::Append,
+            OpenHow::CreateOrOpen,
+            OpenHow::Write,
+            OpenHow::Read,
+        ] {
+            let e = open_file_under_root(&r, "hub.pid", how)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("symbolic link"), "{how:?}: {e}");
+        }
+        let e = open_file_under_root(&r, "hub.pid", OpenHow::CreateNew)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("File exists"), "{e}");
+        fs::remove_file(r.join("hub.pid")).unwrap();
+        fs::hard_link(&victim, r.join("hub.pid")).unwrap();
+        let e = open_file_under_root(&r, "hub.pid", OpenHow::CreateOrOpen)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("hard links"), "{e}");
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+
+        fs::remove_file(r.join("hub.pid")).unwrap();
+        let c = CString::new(r.join("fifo").as_os_str().as_bytes()).unwrap();
+        // SAFETY: mkfifo with a valid path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = open_file_under_root(&r, "fifo", OpenHow::Read)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+
+        fs::write(r.join("foreign"), b"x").unwrap();
+        fs::set_permissions(r.join("foreign"), fs::Permissions::from_mode(0o600)).unwrap();
+        std::os::unix::fs::chown(r.join("foreign"), Some(65534), None).unwrap();
+        let e = open_file_under_root(&r, "foreign", OpenHow::Append)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("owned by uid 65534"), "{e}");
+
+        for bad in ["../x", "a/b", "..", "", "."] {
+            assert!(
+                open_file_under_root(&r, bad, OpenHow::Append).is_err(),
+                "{bad}"
+            );
+        }
+    }
+}
