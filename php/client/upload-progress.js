@@ -1200,6 +1200,9 @@ export class ChunkedUpload extends EventTarget {
       }
       let retry = retryable(res.status);
       if (res.status === 422 && ++badData <= 3) retry = true; // checksum/length: data damaged in transit
+      // 409 with retry_after: an earlier request of ours still writes this chunk (it timed out on
+      // our side, not on the server's); the server bounds that wait, so trying again is safe.
+      if (res.status === 409 && typeof json?.retry_after === 'number') retry = true;
       const message = res.status ? `chunk ${index}: ${errorMessage(res.status, json)}` : `chunk ${index}: ${res.error?.message || 'network error'}`;
       if (!retry || attempt >= this.options.retries) {
         throw Object.assign(new HttpError(res.status, message, json), { fatal: res.status === 404 || res.status === 410 || res.status === 507 });

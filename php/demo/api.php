@@ -607,7 +607,12 @@ function main(): void
         if ($message === '') {
             $message = get_class($e);
         }
-        send_json($status, ['error' => $message], $headers);
+        $body = ['error' => $message];
+        if (isset($headers['Retry-After'])) {
+            // Browsers' fetch sees the body more easily than the header: say it in both.
+            $body['retry_after'] = (int)$headers['Retry-After'];
+        }
+        send_json($status, $body, $headers);
     }
 }
 
