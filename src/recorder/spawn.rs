@@ -124,7 +124,10 @@ pub fn write_pid_file(path: &Path) -> io::Result<()> {
 /// Longest pause between two spawns of a failing hub.
 pub const BACKOFF_CAP: Duration = Duration::from_secs(300);
 /// A hub that served this long "ran successfully": the backoff starts over.
-pub const RAN_OK_AFTER: Duration = Duration::from_secs(5);
+/// Failures worth backing off from (port taken, no secret, foreign socket) end
+/// a hub within milliseconds; a hub killed later (OOM killer, an operator) must
+/// come back at once, or the events published meanwhile are lost.
+pub const RAN_OK_AFTER: Duration = Duration::from_secs(1);
 
 /// Per-host spawn bookkeeping, in `hub-<host>-<hash>.spawn` (0600).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

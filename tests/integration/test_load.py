@@ -155,8 +155,9 @@ def sign(secret, path, body):
 
 def publish_batch(port, secret, events):
     body = json.dumps({"batch": events}).encode()
-    path = sign(secret, f"/apps/{APP_ID}/batch_events", body)
     for attempt in range(5):
+        # Signed anew for every attempt: the hub accepts a signature once (replays refused).
+        path = sign(secret, f"/apps/{APP_ID}/batch_events", body)
         try:
             c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
             c.request("POST", path, body, {"Content-Type": "application/json"})
