@@ -4,6 +4,11 @@ CARGO ?= cargo
 PHP ?= php8.2
 SO := target/release/libupload_progress.so
 export UPLOAD_PROGRESS_EXT := $(CURDIR)/$(SO)
+# PHP versions `make test` covers: 8.2 on the host, others in a Debian root
+# (tools/php-root.sh). `PHP_VERSIONS=8.2 make test` is the quick local run.
+PHP_VERSIONS ?= 8.2 8.4
+export PHP_VERSIONS
+PHP_CONFIG ?= php-config
 
 DEMO_DIR ?= $(CURDIR)/.demo
 DEMO_PORT ?= 8080
@@ -23,9 +28,12 @@ test: deps build
 	@tools/test-all.sh
 
 install: build
-	install -m 0644 $(SO) "$$(php-config --extension-dir)/upload_progress.so"
-	echo "extension=upload_progress" > /etc/php/8.2/mods-available/upload_progress.ini
-	for sapi in cli fpm; do ln -sf /etc/php/8.2/mods-available/upload_progress.ini /etc/php/8.2/$$sapi/conf.d/20-upload_progress.ini; done
+	@set -e; v=$$($(PHP_CONFIG) --version | cut -d. -f1,2); conf=/etc/php/$$v; \
+	install -m 0644 $(SO) "$$($(PHP_CONFIG) --extension-dir)/upload_progress.so"; \
+	echo "extension=upload_progress" > $$conf/mods-available/upload_progress.ini; \
+	for sapi in cli fpm; do \
+	  if [ -d $$conf/$$sapi/conf.d ]; then ln -sf $$conf/mods-available/upload_progress.ini $$conf/$$sapi/conf.d/20-upload_progress.ini; fi; \
+	done; echo "installed for PHP $$v ($$conf)"
 
 stubs:
 	$(CARGO) php stubs --stdout > stubs/upload_progress.stub.php
@@ -53,4 +61,5 @@ soak: deps build
 
 clean:
 	$(CARGO) clean
-	rm -rf build .demo
+	tools/php-root.sh 8.4 remove
+	rm -rf --one-file-system build .demo
