@@ -15,7 +15,7 @@ DEMO_PORT ?= 8080
 HUB_PORT ?= 6001
 export DEMO_DIR DEMO_PORT HUB_PORT
 
-.PHONY: deps build test install stubs stubs-check bench demo demo-up demo-down soak clean
+.PHONY: deps build test deb deb-test install stubs stubs-check bench demo demo-up demo-down soak clean
 
 deps:
 	@tools/deps.sh test
@@ -26,6 +26,21 @@ build:
 
 test: deps build
 	@tools/test-all.sh
+
+# Debian packages php<X.Y>-upload-progress_<version>_amd64.deb in build/deb: 8.2 from
+# the host's build, the other versions built and packed in their Debian root.
+deb: build
+	@set -e; export SOURCE_DATE_EPOCH=$$(git log -1 --format=%ct 2>/dev/null || date +%s); \
+	tools/deb.sh $(SO) build/deb; \
+	for v in $(PHP_VERSIONS); do \
+	  [ "$$v" = 8.2 ] && continue; \
+	  tools/php-root.sh $$v ensure; tools/php-root.sh $$v build; \
+	  tools/php-root.sh $$v run tools/deb.sh build/php$${v//./}/target/release/libupload_progress.so build/deb; \
+	done
+
+# Installs each package in a Debian root of its PHP version and uploads through it.
+deb-test: deb
+	@tools/deb-test.sh
 
 install: build
 	@set -e; v=$$($(PHP_CONFIG) --version | cut -d. -f1,2); conf=/etc/php/$$v; \

@@ -12,6 +12,10 @@
 #        tools/php-root.sh VERSION shell      interactive shell in the root
 #        tools/php-root.sh VERSION remove     delete the root (refuses while anything is mounted in it)
 #
+# PHP_ROOT_NET=private gives `run` its own network namespace with only a loopback, so
+# stock configurations (nginx on :80, the hub on :6001) run there without touching
+# the host's ports; by default the host's network (loopback) is shared.
+#
 # Safety: every mount is made inside a private mount namespace, so none is ever visible
 # on the host and all of them vanish with the namespace, even after `kill -9`; the
 # namespace's PID 1 is our shell, so every process started in the root (php-fpm, nginx,
@@ -24,6 +28,7 @@ ACTION=${2:?usage: tools/php-root.sh VERSION ensure|build|venv|run|shell|remove}
 shift 2
 
 case $VERSION in
+  8.2) SUITE=bookworm ;;  # the host's own PHP: a root of it only serves the package tests
   8.4) SUITE=trixie ;;
   *) echo "php-root: no Debian suite known for PHP $VERSION" >&2; exit 2 ;;
 esac
@@ -113,6 +118,7 @@ inside() { # PID 1 of the new namespaces: mount, chroot, run, unmount
     mount --bind "$1" "$2"; mounted+=("$2")
     if [ "${3:-}" = ro ]; then mount -o remount,bind,ro "$2"; fi
   }
+  if [ "${PHP_ROOT_NET:-}" = private ]; then ip link set lo up; fi
   mount -t proc proc "$R/proc"; mounted+=("$R/proc")
   mount --rbind /dev "$R/dev"; mounted+=("$R/dev")
   mount --make-rprivate "$R/dev"
@@ -132,7 +138,7 @@ inside() { # PID 1 of the new namespaces: mount, chroot, run, unmount
     PIP_CERT=/etc/ssl/certs/ca-certificates.crt PIP_DISABLE_PIP_VERSION_CHECK=1)
   local v
   for v in $(compgen -e); do
-    case $v in UPLOAD_PROGRESS_*|PYTEST_*|PROPTEST_*|LEG_*|RUST_*|PIP_INDEX_URL|PIP_DEFAULT_TIMEOUT) [ "$v" = UPLOAD_PROGRESS_EXT ] || envs+=("$v=${!v}") ;; esac
+    case $v in UPLOAD_PROGRESS_*|PYTEST_*|PROPTEST_*|LEG_*|RUST_*|PIP_INDEX_URL|PIP_DEFAULT_TIMEOUT|DEB|SOURCE_DATE_EPOCH) [ "$v" = UPLOAD_PROGRESS_EXT ] || envs+=("$v=${!v}") ;; esac
   done
   # Not exec'd: this shell stays PID 1 and reaps orphans (the hub's double fork).
   chroot "$R" /usr/bin/env -i "${envs[@]}" /bin/bash -c 'cd "$1" && shift && "$@"' _ "$REPO" "$@"
@@ -141,7 +147,9 @@ inside() { # PID 1 of the new namespaces: mount, chroot, run, unmount
 run() {
   [ -f "$R/.upload-progress-root" ] || { say "no root yet: tools/php-root.sh $VERSION ensure"; return 1; }
   # --kill-child: if we are killed, the namespace's PID 1 dies and the kernel ends the rest.
-  unshare --mount --pid --fork --propagation private --kill-child -- "$0" "$VERSION" __inside "$@"
+  local net=()
+  if [ "${PHP_ROOT_NET:-}" = private ]; then net=(--net); fi
+  unshare --mount --pid --fork --propagation private --kill-child "${net[@]}" -- "$0" "$VERSION" __inside "$@"
 }
 
 build() {
