@@ -27,9 +27,13 @@ VERSION=${1:?usage: tools/php-root.sh VERSION ensure|build|venv|run|shell|remove
 ACTION=${2:?usage: tools/php-root.sh VERSION ensure|build|venv|run|shell|remove}
 shift 2
 
+# What a package test needs (tools/deb-test.sh); a test leg also builds the extension.
+RUNTIME=(php$VERSION-cli php$VERSION-fpm nginx-light python3 python3-venv procps curl ca-certificates)
 case $VERSION in
-  8.2) SUITE=bookworm ;;  # the host's own PHP: a root of it only serves the package tests
-  8.4) SUITE=trixie ;;
+  # The host's own PHP: a root of it only serves the package tests.
+  8.2) SUITE=bookworm; PKGS=("${RUNTIME[@]}") ;;
+  8.4) SUITE=trixie
+       PKGS=("${RUNTIME[@]}" php$VERSION-dev php$VERSION-cgi redis-server clang libclang-dev gcc libc6-dev) ;;
   *) echo "php-root: no Debian suite known for PHP $VERSION" >&2; exit 2 ;;
 esac
 
@@ -42,8 +46,6 @@ MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 HOST_CARGO_HOME=${CARGO_HOME:-$HOME/.cargo}
 SYSROOT=$(rustc --print sysroot)
 
-PKGS=(php$VERSION-dev php$VERSION-cli php$VERSION-fpm php$VERSION-cgi nginx-light redis-server
-      python3 python3-venv clang libclang-dev gcc libc6-dev procps curl ca-certificates)
 # The stamp names what the root was made from: a changed list makes a new root.
 STAMP="suite=$SUITE pkgs=${PKGS[*]}"
 

@@ -74,6 +74,12 @@ root_leg() { # VERSION: build the extension in the cached root, then phpt + inte
   fi
   note "build $v" 1 0
   t2=$SECONDS
+  # The other direction of the API check: this build refused by the host's PHP.
+  echo "== PHP $HOST_VERSION: refuses the PHP $v build"
+  out=$(PHP_VERSION=$HOST_VERSION UPLOAD_PROGRESS_OTHER_EXT=$BUILD/$tag/target/release/libupload_progress.so \
+    "$BUILD/venv/bin/pytest" -q tests/integration/test_php_versions.py -k another_php_api 2>&1)
+  echo "$out" | tail -3
+  if echo "$out" | tail -1 | grep -qE "^1 passed"; then note "api $v on $HOST_VERSION" 1 0; else note "api $v on $HOST_VERSION" 0 1; fi
   notes=$BUILD/$tag/notes; rm -f "$notes"
   # The host's build is handed in for the tests that load it into the other PHP.
   LEG_NOTES=$notes UPLOAD_PROGRESS_OTHER_EXT=$ROOT/target/release/libupload_progress.so \

@@ -136,7 +136,7 @@ def installed():
 
 
 def test_install_lays_out_like_debian_php_extensions(installed):
-    api = sh(f"php-config{VER}", "--extension-dir").stdout.strip()
+    api = sh(f"php{VER}", "-n", "-r", "echo PHP_EXTENSION_DIR;").stdout.strip()
     assert os.path.isfile(f"{api}/upload_progress.so")
     ini = Path(f"/etc/php/{VER}/mods-available/upload_progress.ini").read_text()
     assert "extension=upload_progress.so" in ini and "; priority=20" in ini
