@@ -35,7 +35,8 @@ deb: build
 	for v in $(PHP_VERSIONS); do \
 	  [ "$$v" = 8.2 ] && continue; \
 	  tools/php-root.sh $$v ensure; tools/php-root.sh $$v build; \
-	  tools/php-root.sh $$v run tools/deb.sh build/php$${v//./}/target/release/libupload_progress.so build/deb; \
+	  tools/php-root.sh $$v run env SOURCE_DATE_EPOCH=$$SOURCE_DATE_EPOCH \
+	    tools/deb.sh build/php$${v//./}/target/release/libupload_progress.so build/deb; \
 	done
 
 # Installs each package in a Debian root of its PHP version and uploads through it.
@@ -76,5 +77,5 @@ soak: deps build
 
 clean:
 	$(CARGO) clean
-	tools/php-root.sh 8.4 remove
+	tools/php-root.sh 8.4 remove; tools/php-root.sh 8.2 remove
 	rm -rf --one-file-system build .demo

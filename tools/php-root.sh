@@ -140,7 +140,7 @@ inside() { # PID 1 of the new namespaces: mount, chroot, run, unmount
     PIP_CERT=/etc/ssl/certs/ca-certificates.crt PIP_DISABLE_PIP_VERSION_CHECK=1)
   local v
   for v in $(compgen -e); do
-    case $v in UPLOAD_PROGRESS_*|PYTEST_*|PROPTEST_*|LEG_*|RUST_*|PIP_INDEX_URL|PIP_DEFAULT_TIMEOUT|DEB|SOURCE_DATE_EPOCH) [ "$v" = UPLOAD_PROGRESS_EXT ] || envs+=("$v=${!v}") ;; esac
+    case $v in UPLOAD_PROGRESS_*|PYTEST_*|PROPTEST_*|LEG_*|RUST_*|PIP_INDEX_URL|PIP_DEFAULT_TIMEOUT|DEB) [ "$v" = UPLOAD_PROGRESS_EXT ] || envs+=("$v=${!v}") ;; esac
   done
   # Not exec'd: this shell stays PID 1 and reaps orphans (the hub's double fork).
   chroot "$R" /usr/bin/env -i "${envs[@]}" /bin/bash -c 'cd "$1" && shift && "$@"' _ "$REPO" "$@"
