@@ -28,7 +28,7 @@ gate() { # name command...: one check that passes or fails as a whole
 }
 
 phpt() { # VERSION PHP EXT: the phpt suite with that PHP binary and extension
-  local v=$1 php=$2 ext=$3 run_tests out p f b
+  local v=$1 php=$2 ext=$3 run_tests out p f b t0=$SECONDS
   echo "== PHP $v: phpt"
   run_tests=$(find "$(${PHP_CONFIG:-php-config} --extension-dir)/build" "$(dirname "$(${PHP_CONFIG:-php-config} --extension-dir)")" /usr/lib/php /usr/share/php -name run-tests.php 2>/dev/null | head -n1)
   if [ -z "$run_tests" ]; then
@@ -42,10 +42,11 @@ phpt() { # VERSION PHP EXT: the phpt suite with that PHP binary and extension
   f=$(echo "$out" | grep -E "^Tests failed" | grep -oE ":\s+[0-9]+" | grep -oE "[0-9]+" | head -1)
   b=$(echo "$out" | grep -cE "^BORK")
   note "phpt $v" "${p:-0}" "$(( ${f:-0} + b ))"
+  echo "== PHP $v: phpt took $((SECONDS - t0)) s"
 }
 
 integration() { # VERSION EXT VENV: tests/integration (real nginx + php-fpmVERSION + hub)
-  local v=$1 ext=$2 venv=$3 out rc p f
+  local v=$1 ext=$2 venv=$3 out rc p f t0=$SECONDS
   echo "== PHP $v: integration (pytest)"
   out=$(PHP_VERSION=$v UPLOAD_PROGRESS_EXT=$ext "$venv/bin/pytest" -q -m "not soak" tests/integration 2>&1); rc=$?
   echo "$out" | tail -40
@@ -53,6 +54,7 @@ integration() { # VERSION EXT VENV: tests/integration (real nginx + php-fpmVERSI
   f=$(echo "$out" | tail -3 | grep -oE "[0-9]+ (failed|error)" | grep -oE "[0-9]+" | awk '{s+=$1} END {print s+0}')
   [ $rc -ne 0 ] && [ "${f:-0}" = 0 ] && f=1
   note "integration $v" "${p:-0}" "${f:-0}"
+  echo "== PHP $v: integration took $((SECONDS - t0)) s"
 }
 
 if [ "${1:-}" = --leg ]; then
