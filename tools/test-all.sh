@@ -5,7 +5,8 @@
 # PHP_VERSIONS (default "8.2 8.4") lists the PHP versions to test. 8.2 is the host's:
 # every suite runs on it. Any other version runs the phpt and integration suites in a
 # Debian root made and cached by tools/php-root.sh (build/phpNN/), where this script
-# is run again with --leg. `PHP_VERSIONS=8.2 make test` skips those legs.
+# is run again with --leg. `PHP_VERSIONS=8.2 make test` skips those legs, and the
+# package tests (tools/deb-test.sh) that otherwise close the run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -132,6 +133,24 @@ done
 for v in $PHP_VERSIONS; do
   [ "$v" = "$HOST_VERSION" ] || root_leg "$v"
 done
+
+# The Debian packages (make deb), each installed in a root of its version: on by default
+# when other versions are tested, off for the quick host-only run (PACKAGE_TESTS=0/1).
+if [ "${PACKAGE_TESTS:-auto}" = 1 ] || { [ "${PACKAGE_TESTS:-auto}" = auto ] && [ "$PHP_VERSIONS" != "$HOST_VERSION" ]; }; then
+  t0=$SECONDS
+  echo "== packages: make deb, then tools/deb-test.sh ($PHP_VERSIONS)"
+  if make --no-print-directory -s deb; then
+    out=$(tools/deb-test.sh $PHP_VERSIONS 2>&1); rc=$?
+    echo "$out" | tail -40
+    line=$(echo "$out" | grep -E "^[0-9]+ passed, [0-9]+ failed" | tail -1)
+    p=$(echo "$line" | grep -oE "^[0-9]+"); f=$(echo "$line" | grep -oE "[0-9]+ failed" | grep -oE "[0-9]+")
+    [ $rc -ne 0 ] && [ "${f:-0}" = 0 ] && f=1
+    note packages "${p:-0}" "${f:-0}"
+  else
+    note packages 0 1
+  fi
+  echo "== packages took $((SECONDS - t0)) s"
+fi
 
 echo
 printf '%s\n' "${summary[@]}"
