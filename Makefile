@@ -45,6 +45,9 @@ deb-test: deb
 
 install: build
 	@set -e; v=$$($(PHP_CONFIG) --version | cut -d. -f1,2); conf=/etc/php/$$v; \
+	api=$$(basename "$$($(PHP_CONFIG) --extension-dir)"); \
+	if ! grep -aq "API$$api,NTS" $(SO); then \
+	  echo "install: $(SO) was not built for PHP $$v (API $$api): build with PHP=/usr/bin/php$$v PHP_CONFIG=php-config$$v" >&2; exit 1; fi; \
 	install -m 0644 $(SO) "$$($(PHP_CONFIG) --extension-dir)/upload_progress.so"; \
 	echo "extension=upload_progress" > $$conf/mods-available/upload_progress.ini; \
 	for sapi in cli fpm; do \
