@@ -14,7 +14,7 @@ case $what in
 esac
 # Other PHP versions are tested in a Debian root that tools/php-root.sh makes with mmdebstrap.
 if [ "$what" = test ] && [ "${PHP_VERSIONS:-8.2 8.4}" != 8.2 ]; then
-  apt_pkgs+=(mmdebstrap)
+  apt_pkgs+=(mmdebstrap iproute2 binutils)
 fi
 
 missing=()
