@@ -12,6 +12,10 @@ esac
 case $what in
   bench) apt_pkgs+=(php8.2-redis php8.2-apcu) ;;
 esac
+# Other PHP versions are tested in a Debian root that tools/php-root.sh makes with mmdebstrap.
+if [ "$what" = test ] && [ "${PHP_VERSIONS:-8.2 8.4}" != 8.2 ]; then
+  apt_pkgs+=(mmdebstrap iproute2 binutils)
+fi
 
 missing=()
 for p in "${apt_pkgs[@]}"; do

@@ -665,7 +665,9 @@ http {{
         raise StackError("redis-server did not answer on port %d" % self.redis_port)
 
     def _fpm_argv(self):
-        exe = _which("php-fpm8.2", "php-fpm", "/usr/sbin/php-fpm8.2")
+        # PHP_VERSION (default 8.2) picks php-fpmX.Y: the test legs of other versions set it.
+        ver = os.environ.get("PHP_VERSION") or "8.2"
+        exe = _which("php-fpm" + ver, "/usr/sbin/php-fpm" + ver)
         argv = [exe, "-n", "-c", self.php_ini_path, "-y", self._p("php-fpm.conf"), "-F"]
         if os.geteuid() == 0:
             argv.append("-R")

@@ -5,6 +5,19 @@ use crate::php::{ini, recorder};
 use std::panic::catch_unwind;
 
 pub extern "C" fn startup(_ty: i32, module_number: i32) -> i32 {
+    // Refuse to start (PHP then stops with "Unable to start upload_progress module")
+    // rather than hook a PHP this build does not fit.
+    match catch_unwind(crate::php::sapi::unsupported) {
+        Ok(None) => {}
+        Ok(Some(why)) => {
+            ext_php_rs::error::php_error(
+                &ext_php_rs::flags::ErrorType::CoreWarning,
+                &format!("upload_progress: {why}"),
+            );
+            return -1;
+        }
+        Err(_) => return -1,
+    }
     let ok = catch_unwind(|| {
         ini::register(module_number);
         recorder::install_hooks();

@@ -65,6 +65,46 @@ pub fn init() -> &'static Symbols {
     })
 }
 
+/// Why this PHP cannot run the extension, checked in MINIT before anything is hooked:
+/// a thread-safe (ZTS) PHP (not supported yet: the hooks keep per-process state and
+/// read `sapi_globals` as a plain global), or a PHP that lacks a symbol used here.
+/// Signatures are checked at build time (build.rs); PHP itself refuses a module built
+/// for another API number.
+pub fn unsupported() -> Option<String> {
+    // tsrm_get_ls_cache is exported by ZTS builds only.
+    if ext_php_rs::PHP_ZTS || !lookup(c"tsrm_get_ls_cache").is_null() {
+        return Some(
+            "thread-safe (ZTS) builds of PHP are not supported yet; use the NTS build \
+             (`php -v` shows NTS)"
+                .to_owned(),
+        );
+    }
+    const REQUIRED: [&CStr; 11] = [
+        c"sapi_module",
+        c"sapi_globals",
+        c"php_rfc1867_callback",
+        c"sapi_getenv",
+        c"sapi_read_post_block",
+        c"display_ini_entries",
+        c"_efree",
+        c"php_get_temporary_directory",
+        c"zend_get_constant_str",
+        c"spl_ce_RuntimeException",
+        c"spl_ce_InvalidArgumentException",
+    ];
+    let missing: Vec<_> = REQUIRED
+        .iter()
+        .filter(|name| lookup(name).is_null())
+        .map(|name| name.to_string_lossy())
+        .collect();
+    (!missing.is_empty()).then(|| {
+        format!(
+            "this PHP does not export {}; it is not a supported PHP build",
+            missing.join(", ")
+        )
+    })
+}
+
 pub fn get() -> Option<&'static Symbols> {
     SYMBOLS.get()
 }
