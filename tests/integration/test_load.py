@@ -323,10 +323,10 @@ def run_load(make_stack, n_conns, seconds, rate, n_channels, tmp_name):
     async def flood():
         for k in range(120):
             await loop.run_in_executor(None, publish_batch, port, secret,
-                                       [{"name": "flood", "channel": "slow", "data": big}] * 10)
+                                       [{"name": "flood", "channel": "slow", "data": f"{k}:{big}"}] * 10)
             if k % 30 == 0:
                 expected["all"] = expected.get("all", 0) + 1
-                await loop.run_in_executor(None, publish_batch, port, secret, [{"name": "bc", "channel": "all", "data": "{}"}])
+                await loop.run_in_executor(None, publish_batch, port, secret, [{"name": "bc", "channel": "all", "data": json.dumps({"k": k})}])
             if metrics(port)["slow_consumer_evictions_total"] >= 1 and k >= 30:
                 break
         deadline = time.time() + 20
