@@ -299,6 +299,9 @@ mod tests {
             expire_seconds: 1,
             activity_timeout: 30,
             max_connections: 0,
+            max_pending_handshakes: 0,
+            max_connections_per_ip: 0,
+            handshake_timeout: 10,
             redis_url: "redis://:pw;1@r:6379".into(),
             php_binary: String::new(),
         };

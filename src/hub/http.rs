@@ -323,12 +323,11 @@ async fn handle(hub: Arc<Hub>, mut s: TcpStream, slot: Slot) {
     }
 }
 
-fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
-    query
-        .split('&')
-        .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v)
+/// The first value of `name` in a query string (form-urlencoded).
+fn query_param(query: &str, name: &str) -> Option<String> {
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
 }
 
 async fn websocket(hub: Arc<Hub>, mut s: TcpStream, req: Request, key: String, slot: Slot) {
@@ -423,28 +422,6 @@ async fn websocket(hub: Arc<Hub>, mut s: TcpStream, req: Request, key: String, s
 
 // ------------------------------------------------------------------ events API
 
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let (Some(h), Some(l)) = (hex_val(b[i + 1]), hex_val(b[i + 2])) {
-                out.push(h * 16 + l);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn hex_val(c: u8) -> Option<u8> {
-    (c as char).to_digit(16).map(|d| d as u8)
-}
-
 /// Checks Pusher request signing; Ok is the signature and its timestamp, Err
 /// the 401 message.
 pub(crate) fn check_signature(
@@ -455,13 +432,8 @@ pub(crate) fn check_signature(
     body: &[u8],
     now_s: i64,
 ) -> Result<(String, i64), String> {
-    let mut params: Vec<(String, String)> = query
-        .split('&')
-        .filter(|kv| !kv.is_empty())
-        .map(|kv| {
-            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            (percent_decode(k).to_ascii_lowercase(), percent_decode(v))
-        })
+    let mut params: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.into_owned()))
         .collect();
     let get = |name: &str| {
         params
@@ -852,7 +824,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(r.path, "/app/k");
-        assert_eq!(query_param(&r.query, "protocol"), Some("7"));
+        assert_eq!(query_param(&r.query, "protocol").as_deref(), Some("7"));
         assert!(r.upgrade_ws);
         assert_eq!(r.ws_key.as_deref(), Some("abc"));
         assert_eq!(r.origin.as_deref(), Some("http://a"));
@@ -865,9 +837,10 @@ mod tests {
     }
 
     #[test]
-    fn percent_decoding() {
-        assert_eq!(percent_decode("a%2Cb%zz%4"), "a,b%zz%4");
-        assert_eq!(percent_decode("%"), "%");
-        assert_eq!(percent_decode("1.0"), "1.0");
+    fn query_strings_are_form_urlencoded() {
+        let q = "a=%2C%zz%4&b=x+y&c";
+        assert_eq!(query_param(q, "a").as_deref(), Some(",%zz%4"));
+        assert_eq!(query_param(q, "b").as_deref(), Some("x y"));
+        assert_eq!(query_param(q, "c").as_deref(), Some(""));
     }
 }

@@ -255,29 +255,15 @@ fn op_upload_id(op: &Op) -> &str {
     }
 }
 
-/// True when semver `a` is newer than `b` (pre-release tags sort before the release).
+/// True when semver `a` is newer than `b` (pre-release tags sort before the
+/// release, `rc.10` after `rc.9`); a version that does not parse never takes over.
 fn version_newer(a: &str, b: &str) -> bool {
-    fn parse(v: &str) -> (Vec<u64>, Option<&str>) {
-        let (core, pre) = match v.split_once('-') {
-            Some((c, p)) => (c, Some(p)),
-            None => (v, None),
-        };
-        let core = core.split('+').next().unwrap_or(core);
-        (
-            core.split('.').map(|n| n.parse().unwrap_or(0)).collect(),
-            pre,
-        )
-    }
-    let (ca, pa) = parse(a.trim());
-    let (cb, pb) = parse(b.trim());
-    match ca.cmp(&cb) {
-        std::cmp::Ordering::Greater => true,
-        std::cmp::Ordering::Less => false,
-        std::cmp::Ordering::Equal => match (pa, pb) {
-            (None, Some(_)) => true,
-            (Some(x), Some(y)) => x > y,
-            _ => false,
-        },
+    match (
+        semver::Version::parse(a.trim()),
+        semver::Version::parse(b.trim()),
+    ) {
+        (Ok(a), Ok(b)) => a.cmp_precedence(&b) == std::cmp::Ordering::Greater,
+        _ => false,
     }
 }
 
@@ -293,5 +279,9 @@ mod version_tests {
         assert!(!version_newer("0.1.0", "0.1.0"));
         assert!(!version_newer("0.1.0", "0.2.0"));
         assert!(!version_newer("1.0.0-rc.1", "1.0.0"));
+        // Before: pre-release tags were compared as strings.
+        assert!(version_newer("1.0.0-rc.10", "1.0.0-rc.9"));
+        assert!(!version_newer("1.0.0-rc.9", "1.0.0-rc.10"));
+        assert!(!version_newer("garbage", "1.0.0"));
     }
 }
