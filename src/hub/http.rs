@@ -14,10 +14,11 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
 
+use super::event::{ChannelEvent, Event, SocketId};
 use super::limits::{Admit, Slot};
-use super::redis::{dispatch, Op};
 use super::replay::Seen;
-use super::state::refuse_published;
+use super::router::route;
+use super::uploads::refuse_published;
 use super::{lock, ws, Hub, Metrics};
 use crate::protocol::pusher;
 
@@ -204,7 +205,8 @@ fn reason(status: u16) -> &'static str {
 }
 
 fn error_body(message: &str) -> String {
-    serde_json::json!({ "error": message }).to_string()
+    serde_json::to_string(&crate::protocol::frames::HttpError { error: message })
+        .unwrap_or_default()
 }
 
 /// Writes a complete `Connection: close` response, then lets the peer read it.
@@ -495,7 +497,7 @@ struct Checked {
     name: String,
     channels: Vec<String>,
     data: String,
-    exclude: Option<(u64, u32)>,
+    exclude: Option<SocketId>,
 }
 
 fn check_event(e: ApiEvent) -> Result<Checked, (u16, String)> {
@@ -542,11 +544,7 @@ fn check_event(e: ApiEvent) -> Result<Checked, (u16, String)> {
     let exclude = match e.socket_id {
         Some(sid) => {
             pusher::validate_socket_id(&sid).map_err(|m| (400, m))?;
-            let (a, b) = sid.split_once('.').unwrap_or(("", ""));
-            match (a.parse::<u64>(), b.parse::<u32>()) {
-                (Ok(a), Ok(b)) => Some((a, b)),
-                _ => None,
-            }
+            SocketId::parse(&sid)
         }
         None => None,
     };
@@ -659,15 +657,15 @@ async fn events_api(
         // channel); only the hub's upload events carry one.
         let seq = None;
         for ch in &c.channels {
-            dispatch(
+            route(
                 hub,
-                Op::Event {
+                Event::Channel(ChannelEvent {
                     channel: ch.clone(),
                     event: c.name.clone(),
                     data: c.data.clone(),
                     seq,
                     exclude: c.exclude,
-                },
+                }),
             );
         }
     }
@@ -684,7 +682,8 @@ async fn events_api(
 pub(crate) fn metrics_text(hub: &Hub) -> String {
     let (channels, subscriptions, retained) = {
         let st = lock(&hub.state);
-        (st.channel_count(), st.subscriptions, st.retained_count())
+        let c = &st.channels;
+        (c.channel_count(), c.subscriptions, c.retained_count())
     };
     let m = &hub.m;
     let redis = hub.redis.as_ref();

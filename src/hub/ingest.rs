@@ -10,9 +10,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
+use super::event::{ChannelEvent, Event, UploadReport};
+use super::frames::data_seq;
 use super::http::MAX_EVENT_DATA;
-use super::redis::{dispatch, Op};
-use super::state::{data_seq, refuse_published};
+use super::router::route;
+use super::uploads::refuse_published;
 use super::{lock, log, Hub, Metrics};
 use crate::protocol::ingest::{self, IngestMessage};
 use crate::protocol::pusher;
@@ -165,21 +167,22 @@ async fn handle(hub: &Hub, msg: IngestMessage, reply: &mut Vec<u8>) {
             }
             // A seq in published data orders nothing: it is the upload's own
             // (a publish() with "seq" => 1e300 silenced a channel).
-            dispatch(
+            route(
                 hub,
-                Op::Event {
+                Event::Channel(ChannelEvent {
                     channel,
                     event,
                     data,
                     seq: None,
                     exclude: None,
-                },
+                }),
             );
         }
         IngestMessage::TaggedRequest(inner) => {
-            let Some(op) = body_op(*inner) else { return };
-            let id = op_upload_id(&op);
-            if hub.is_upload(id) {
+            let Ok(report) = UploadReport::try_from(*inner) else {
+                return;
+            };
+            if hub.is_upload(report.upload_id()) {
                 // A plain request tagged with the id of an Upload (anyone
                 // can send one): it never speaks on that Upload's channel.
                 Metrics::add(&hub.m.events_in, 1);
@@ -187,17 +190,19 @@ async fn handle(hub: &Hub, msg: IngestMessage, reply: &mut Vec<u8>) {
                 Metrics::add(&hub.m.tagged_refused, 1);
                 return;
             }
-            dispatch(hub, Op::Tagged(Box::new(op)));
+            route(hub, Event::Tagged(report));
         }
         m @ (IngestMessage::Progress(_)
         | IngestMessage::StreamEnd { .. }
         | IngestMessage::Terminal { .. }) => {
-            let Some(op) = body_op(m) else { return };
-            hub.note_upload(op_upload_id(&op));
-            dispatch(hub, op);
+            let Ok(report) = UploadReport::try_from(m) else {
+                return;
+            };
+            hub.note_upload(report.upload_id());
+            route(hub, Event::Upload(report));
         }
         IngestMessage::QueryProgress { upload_id } => {
-            let mut data = lock(&hub.state).latest_upload_data(&upload_id);
+            let mut data = lock(&hub.state).channels.latest_upload_data(&upload_id);
             if let Some(b) = &hub.redis {
                 // Other hosts may know newer events (this hub sees them only
                 // while it has subscribers): the higher seq wins.
@@ -213,45 +218,6 @@ async fn handle(hub: &Hub, msg: IngestMessage, reply: &mut Vec<u8>) {
         IngestMessage::QueryStatus => {
             ingest::encode_raw(hub.status_json().as_bytes(), reply);
         }
-    }
-}
-
-/// The hub operation of a body report (Progress, StreamEnd, Terminal).
-fn body_op(m: IngestMessage) -> Option<Op> {
-    Some(match m {
-        IngestMessage::Progress(r) => Op::Progress(r),
-        IngestMessage::StreamEnd {
-            upload_id,
-            stream,
-            outcome,
-            stored_bytes,
-            chunks_done,
-        } => Op::StreamEnd {
-            upload_id,
-            stream,
-            outcome,
-            stored_bytes,
-            chunks_done,
-        },
-        IngestMessage::Terminal {
-            upload_id,
-            event,
-            fields,
-        } => Op::Terminal {
-            upload_id,
-            event,
-            fields,
-        },
-        _ => return None,
-    })
-}
-
-fn op_upload_id(op: &Op) -> &str {
-    match op {
-        Op::Progress(r) => &r.upload_id,
-        Op::StreamEnd { upload_id, .. } | Op::Terminal { upload_id, .. } => upload_id,
-        Op::Event { channel, .. } => channel,
-        Op::Tagged(inner) => op_upload_id(inner),
     }
 }
 

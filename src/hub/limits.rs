@@ -273,7 +273,6 @@ pub(crate) fn accept_failed(
     std::time::Duration::from_millis(if resource { 100 } else { 5 })
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -152,7 +152,6 @@ fn timestamp(ms: u64) -> String {
     )
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -29,4 +29,3 @@ impl Metrics {
         c.load(Ordering::Relaxed)
     }
 }
-

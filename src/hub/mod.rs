@@ -17,6 +17,10 @@
 //! 4200 hub restart, reconnect now (close frame only), 4201 pong timeout
 //! (closed), 4301 client events are refused (connection kept).
 
+mod channels;
+mod conn;
+mod event;
+mod frames;
 mod http;
 mod ingest;
 mod limits;
@@ -24,9 +28,11 @@ mod log;
 mod metrics;
 mod redis;
 mod replay;
+mod router;
 mod shared;
 mod state;
 mod tunables;
+mod uploads;
 mod ws;
 
 #[cfg(test)]
@@ -41,12 +47,13 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::Config;
+use conn::Conn;
 pub(crate) use limits::accept_failed;
 pub(crate) use log::{log, now_ms, now_us, RateLog};
 pub(crate) use metrics::Metrics;
 pub(crate) use shared::{lock, Hub};
+use state::State;
 pub(crate) use tunables::Tunables;
-use state::{Conn, State};
 
 /// What `run` needs; the lead binds the ingest socket (binding it is the lock).
 pub struct HubOptions {
@@ -310,4 +317,3 @@ async fn watch(pid: Option<i32>) -> String {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
-

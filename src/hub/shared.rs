@@ -7,7 +7,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::mpsc;
 
-use super::state::{Conn, State};
+use super::conn::Conn;
+use super::state::State;
 use super::{limits, redis, replay, Metrics, Tunables};
 use crate::config::Config;
 
@@ -92,7 +93,7 @@ impl Hub {
     pub fn status_json(&self) -> String {
         let (channels, subscriptions) = {
             let st = lock(&self.state);
-            (st.channel_count(), st.subscriptions)
+            (st.channels.channel_count(), st.channels.subscriptions)
         };
         serde_json::json!({
             "running": true,
@@ -136,4 +137,3 @@ pub(super) fn random_seed() -> u64 {
         splitmix64(t ^ u64::from(std::process::id()))
     }
 }
-

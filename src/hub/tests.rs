@@ -1170,7 +1170,7 @@ async fn session_future_is_small() {
         stopping: Default::default(),
         stop_tx: tokio::sync::mpsc::channel(1).0,
     });
-    let conn = std::sync::Arc::new(super::state::Conn::new(1, 1));
+    let conn = std::sync::Arc::new(super::conn::Conn::new(1, 1));
     let fut = super::ws::session(fake, ws, conn);
     let size = std::mem::size_of_val(&fut);
     eprintln!(

@@ -1,0 +1,88 @@
+//! Routes every event the hub handles. Ingest and the HTTP API hand their
+//! events to `route`; with Redis the bridge takes them (and hands back what
+//! it cannot take, which is then delivered here, on this host); what Redis
+//! answers or other hubs publish comes back through `from_redis`. WebSocket
+//! sessions tell the router when their subscriptions change, so that the
+//! bridge follows the channels with local subscribers.
+
+use super::channels::{Ctx, Subscribed};
+use super::event::{ChannelEvent, Event};
+use super::{lock, Hub};
+
+impl Hub {
+    /// What delivery needs besides the state: counters and the queue cap.
+    pub fn ctx(&self) -> Ctx<'_> {
+        Ctx {
+            m: &self.m,
+            cap: self.tun.queue_cap,
+        }
+    }
+}
+
+/// Routes `ev`: through Redis when the bridge takes it, else on this host.
+pub(crate) fn route(hub: &Hub, ev: Event) {
+    let ev = match &hub.redis {
+        Some(b) => match b.offer(ev) {
+            Ok(()) => return,
+            Err(ev) => ev,
+        },
+        None => ev,
+    };
+    deliver_local(hub, ev);
+}
+
+/// An event the bridge took but could not publish (Redis failed meanwhile).
+pub(crate) fn handed_back(hub: &Hub, ev: Event) {
+    deliver_local(hub, ev);
+}
+
+/// The single-host path: published events are delivered, upload reports are
+/// folded by this host's aggregator. With a bridge the channel is written
+/// back to Redis once it is reachable again.
+fn deliver_local(hub: &Hub, ev: Event) {
+    if let Some(b) = &hub.redis {
+        b.mark_unsynced(ev.channel());
+    }
+    let ctx = hub.ctx();
+    let mut st = lock(&hub.state);
+    match ev {
+        Event::Channel(e) => {
+            st.deliver(&ctx, &e);
+        }
+        Event::Upload(r) | Event::Tagged(r) => st.report(&ctx, &r),
+    }
+}
+
+/// An event that came through Redis: published by another hub, or built by a
+/// script for this one.
+pub(crate) fn from_redis(hub: &Hub, ev: &ChannelEvent) {
+    lock(&hub.state).deliver(&hub.ctx(), ev);
+}
+
+/// A latest event fetched from Redis after a subscribe or a reconnect.
+pub(crate) fn latest_from_redis(hub: &Hub, ev: &ChannelEvent) {
+    lock(&hub.state).offer_latest(&hub.ctx(), ev);
+}
+
+/// A connection subscribed to `channel`.
+pub(crate) fn subscribed(hub: &Hub, channel: &str, sub: &Subscribed) {
+    if let Some(b) = &hub.redis {
+        if sub.first {
+            b.subscriptions_changed();
+        }
+        if sub.replay.is_none() {
+            // Another host may have the latest event: it is replayed through
+            // the connection's queue, after subscription_succeeded.
+            b.request_latest(channel);
+        }
+    }
+}
+
+/// Connections unsubscribed; `emptied`: a channel lost its last local subscriber.
+pub(crate) fn unsubscribed(hub: &Hub, emptied: bool) {
+    if emptied {
+        if let Some(b) = &hub.redis {
+            b.subscriptions_changed();
+        }
+    }
+}
