@@ -4,7 +4,7 @@
 //! Everything here runs under the hub's state mutex and never waits: a
 //! subscriber whose queue is full is evicted, not waited for.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -66,6 +66,35 @@ pub(crate) struct Subscribed {
     pub replay: Option<Utf8Bytes>,
     /// The channel had no local subscriber before.
     pub first: bool,
+}
+
+/// Who is on the channels of a hub (or of all hubs, merged): what the HTTP
+/// API's channel queries answer from. With Redis each hub keeps its own in
+/// Redis (see docs/scaling.md); the field names are short, it is written often.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Occupancy {
+    #[serde(rename = "c")]
+    pub channels: BTreeMap<String, ChannelOccupancy>,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct ChannelOccupancy {
+    #[serde(rename = "s")]
+    pub subscriptions: usize,
+    /// User ids of the presence members.
+    #[serde(rename = "u", default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub users: BTreeSet<String>,
+}
+
+impl Occupancy {
+    /// Adds the channels of another hub (subscriptions add up, users unite).
+    pub fn merge(&mut self, other: Occupancy) {
+        for (name, o) in other.channels {
+            let c = self.channels.entry(name).or_default();
+            c.subscriptions += o.subscriptions;
+            c.users.extend(o.users);
+        }
+    }
 }
 
 /// The channels of this hub.
@@ -266,6 +295,46 @@ impl Channels {
             .filter(|(_, c)| !c.subs.is_empty())
             .map(|(k, _)| k.clone())
             .collect()
+    }
+
+    /// Subscribers and presence members of the channels with local
+    /// subscribers whose name starts with `prefix`.
+    pub fn occupancy(&self, prefix: &str) -> Occupancy {
+        let mut out = Occupancy::default();
+        for (name, c) in &self.channels {
+            if c.subs.is_empty() || !name.starts_with(prefix) {
+                continue;
+            }
+            let users = c
+                .presence
+                .as_ref()
+                .map(|p| p.members.keys().cloned().collect())
+                .unwrap_or_default();
+            out.channels.insert(
+                name.to_string(),
+                ChannelOccupancy {
+                    subscriptions: c.subs.len(),
+                    users,
+                },
+            );
+        }
+        out
+    }
+
+    /// The connections of presence member `user_id`, on any channel.
+    pub fn connections_of(&self, user_id: &str) -> Vec<Arc<Conn>> {
+        let mut out: Vec<Arc<Conn>> = Vec::new();
+        for c in self.channels.values() {
+            let Some(p) = &c.presence else { continue };
+            for (conn, uid) in &p.by_conn {
+                if uid == user_id && !out.iter().any(|o| o.id == *conn) {
+                    if let Some(x) = c.subs.get(conn) {
+                        out.push(x.clone());
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// Event name, data and seq of the latest event of `channel`.

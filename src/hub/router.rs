@@ -67,6 +67,7 @@ pub(crate) fn latest_from_redis(hub: &Hub, ev: &ChannelEvent) {
 /// A connection subscribed to `channel`.
 pub(crate) fn subscribed(hub: &Hub, channel: &str, sub: &Subscribed) {
     if let Some(b) = &hub.redis {
+        b.occupancy_changed();
         if sub.first {
             b.subscriptions_changed();
         }
@@ -80,9 +81,23 @@ pub(crate) fn subscribed(hub: &Hub, channel: &str, sub: &Subscribed) {
 
 /// Connections unsubscribed; `emptied`: a channel lost its last local subscriber.
 pub(crate) fn unsubscribed(hub: &Hub, emptied: bool) {
-    if emptied {
-        if let Some(b) = &hub.redis {
+    if let Some(b) = &hub.redis {
+        b.occupancy_changed();
+        if emptied {
             b.subscriptions_changed();
         }
+    }
+}
+
+/// Close code of a terminated connection (Pusher's "unauthorized" range: do
+/// not reconnect with the same credentials).
+const TERMINATED: u16 = 4009;
+
+/// Closes this hub's connections of presence member `user_id` (asked through
+/// the HTTP API here, or by another hub through Redis).
+pub(crate) fn terminate_local(hub: &Hub, user_id: &str) {
+    let conns = lock(&hub.state).channels.connections_of(user_id);
+    for c in conns {
+        c.close(TERMINATED, "Connection terminated by the server");
     }
 }

@@ -35,6 +35,7 @@
 //!   silently dead connection.
 
 mod connection;
+mod occupancy;
 mod scripts;
 mod session;
 mod wire;
@@ -79,6 +80,8 @@ pub(crate) struct Bridge {
     /// Channels with events handled locally while Redis was unreachable.
     unsynced: Mutex<HashSet<String>>,
     check_now: AtomicBool,
+    /// This hub's channel occupancy changed since it was last written.
+    occupancy_dirty: AtomicBool,
     scripts: Scripts,
     ping_every: Duration,
     timeout: Duration,
@@ -110,6 +113,7 @@ impl Bridge {
             want_latest: Mutex::new(Vec::new()),
             unsynced: Mutex::new(HashSet::new()),
             check_now: AtomicBool::new(false),
+            occupancy_dirty: AtomicBool::new(true),
             scripts: Scripts::new(),
             ping_every,
             timeout,

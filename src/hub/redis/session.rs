@@ -12,6 +12,7 @@ use redis::{PushInfo, PushKind, Value};
 use tokio::sync::{mpsc, watch};
 
 use super::connection::{connect, RedisConn};
+use super::occupancy::{parse_terminate, write_occupancy};
 use super::scripts::{reset_invocation, EventArgs};
 use super::wire::parse_wire;
 use super::Bridge;
@@ -115,6 +116,13 @@ async fn session(
             }
             resync = false;
         }
+        if b.occupancy_dirty.swap(false, Ordering::SeqCst) {
+            let h = hub.upgrade()?;
+            if let Err(e) = write_occupancy(&h, b, &mut conn).await {
+                b.occupancy_dirty.store(true, Ordering::SeqCst);
+                return Some(e);
+            }
+        }
         let wanted: Vec<String> = std::mem::take(&mut *lock(&b.want_latest));
         for ch in wanted {
             if let Some((event, data, seq)) = b.fetch_latest(&ch).await {
@@ -145,8 +153,9 @@ async fn session(
                     return Some(e);
                 }
                 // Also catches channels whose last subscriber was evicted
-                // as a slow consumer.
+                // as a slow consumer; the occupancy snapshot is refreshed.
                 need_reconcile = true;
+                b.occupancy_dirty.store(true, Ordering::SeqCst);
             }
             p = pushes.recv() => {
                 let Some(p) = p else { return Some("connection closed".into()) };
@@ -192,6 +201,7 @@ async fn reconcile(
         .subscribed_channels()
         .into_iter()
         .map(|c| b.keys.events(&c))
+        .chain(std::iter::once(b.keys.control()))
         .collect();
     drop(h);
     let add: Vec<String> = wanted.difference(subscribed).cloned().collect();
@@ -289,6 +299,12 @@ fn on_push(hub: &Hub, b: &Bridge, p: PushInfo) {
     let (Ok(ch), Ok(payload)) = (std::str::from_utf8(ch), std::str::from_utf8(payload)) else {
         return;
     };
+    if ch == b.keys.control() {
+        if let Some(user_id) = parse_terminate(payload, &b.id) {
+            router::terminate_local(hub, user_id);
+        }
+        return;
+    }
     let Some(channel) = b.keys.channel_of(ch) else {
         return;
     };

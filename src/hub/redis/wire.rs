@@ -26,6 +26,18 @@ impl Keys {
     pub fn events(&self, ch: &str) -> String {
         format!("{}ev:{{{ch}}}", self.prefix)
     }
+    /// The channel occupancy of hub `id` (`occupancy.rs`).
+    pub fn occupancy(&self, id: &str) -> String {
+        format!("{}occ:{id}", self.prefix)
+    }
+    /// The live hubs (a sorted set: score is when the entry expires, unix ms).
+    pub fn hubs(&self) -> String {
+        format!("{}hubs", self.prefix)
+    }
+    /// The pub/sub channel of commands to every hub (terminate connections).
+    pub fn control(&self) -> String {
+        format!("{}ctl", self.prefix)
+    }
     /// The hub channel of a Redis pub/sub channel name.
     pub fn channel_of<'a>(&self, redis_channel: &'a str) -> Option<&'a str> {
         redis_channel
