@@ -22,7 +22,7 @@ const MAX_LATEST_BYTES: usize = 64 << 20;
 
 /// What fan-out needs besides the channel: the counters and the queue cap.
 pub(crate) struct Ctx<'a> {
-    pub m: &'a Metrics,
+    pub metrics: &'a Metrics,
     pub cap: usize,
 }
 
@@ -122,7 +122,7 @@ impl Channels {
     /// Sends `ev` to every subscriber of its channel (but `exclude`) and
     /// keeps it as the channel's latest event. False when dropped as stale.
     pub fn deliver(&mut self, ctx: &Ctx<'_>, ev: &ChannelEvent) -> bool {
-        Metrics::add(&ctx.m.events_in, 1);
+        Metrics::add(&ctx.metrics.events_in, 1);
         let channel = ev.channel.as_str();
         let Some(ch) = channel_mut(&mut self.channels, channel) else {
             return false;
@@ -141,7 +141,7 @@ impl Channels {
         }
         if let Some(s) = ev.seq {
             if s <= ch.last_seq {
-                Metrics::add(&ctx.m.events_dropped, 1);
+                Metrics::add(&ctx.metrics.events_dropped, 1);
                 return false;
             }
             ch.last_seq = s;
@@ -223,7 +223,7 @@ impl Channels {
         }
         let replay = ch.latest.clone();
         if replay.is_some() {
-            Metrics::add(&ctx.m.events_out, 1);
+            Metrics::add(&ctx.metrics.events_out, 1);
         }
         Subscribed {
             data,
@@ -436,10 +436,10 @@ fn fan_out(ctx: &Ctx<'_>, ch: &mut Channel, text: &Utf8Bytes, exclude: Option<So
             Push::Closed => {}
         }
     }
-    Metrics::add(&ctx.m.events_out, sent);
+    Metrics::add(&ctx.metrics.events_out, sent);
     if !evicted.is_empty() {
-        Metrics::add(&ctx.m.evictions, evicted.len() as u64);
-        Metrics::add(&ctx.m.events_dropped, evicted.len() as u64);
+        Metrics::add(&ctx.metrics.evictions, evicted.len() as u64);
+        Metrics::add(&ctx.metrics.events_dropped, evicted.len() as u64);
         for id in &evicted {
             ch.subs.remove(id);
         }

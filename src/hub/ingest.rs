@@ -4,7 +4,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
@@ -22,34 +22,24 @@ use crate::protocol::pusher;
 pub(crate) async fn accept_loop(
     hub: Arc<Hub>,
     listener: UnixListener,
-    mut down: watch::Receiver<bool>,
+    down: watch::Receiver<bool>,
 ) {
-    let mut last_log: Option<Instant> = None;
-    loop {
-        let r = tokio::select! {
-            _ = down.changed() => return,
-            r = listener.accept() => r,
-        };
-        match r {
-            Ok((s, _)) => {
-                tokio::spawn(connection(hub.clone(), s, down.clone()));
-            }
-            Err(e) => {
-                let pause = super::accept_failed("ingest accept", &e, &mut last_log);
-                tokio::select! {
-                    _ = down.changed() => return,
-                    _ = tokio::time::sleep(pause) => {}
-                }
-            }
-        }
-    }
+    let d = down.clone();
+    super::accept::accept_loop("ingest accept", listener, down, |(s, _)| {
+        tokio::spawn(connection(hub.clone(), s, d.clone()));
+        std::future::ready(())
+    })
+    .await;
 }
 
 struct Gauge<'a>(&'a Hub);
 
 impl Drop for Gauge<'_> {
     fn drop(&mut self) {
-        self.0.m.ingest_connections.fetch_sub(1, Ordering::Relaxed);
+        self.0
+            .metrics
+            .ingest_connections
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -67,16 +57,16 @@ async fn connection(hub: Arc<Hub>, mut s: UnixStream, mut down: watch::Receiver<
                 "ingest connection from uid {} refused (the hub runs as uid {euid})",
                 c.uid()
             ));
-            Metrics::add(&hub.m.ingest_errors, 1);
+            Metrics::add(&hub.metrics.ingest_errors, 1);
             return;
         }
         Err(e) => {
             REFUSED_LOG.log(format_args!("ingest connection without credentials: {e}"));
-            Metrics::add(&hub.m.ingest_errors, 1);
+            Metrics::add(&hub.metrics.ingest_errors, 1);
             return;
         }
     }
-    Metrics::add(&hub.m.ingest_connections, 1);
+    Metrics::add(&hub.metrics.ingest_connections, 1);
     let _gauge = Gauge(&hub);
     let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
     let mut reply: Vec<u8> = Vec::new();
@@ -90,7 +80,7 @@ async fn connection(hub: Arc<Hub>, mut s: UnixStream, mut down: watch::Receiver<
                         Ok(msg) => handle(&hub, msg, &mut reply).await,
                         Err(e) => {
                             BAD_FRAME_LOG.log(format_args!("ingest connection closed: {e}"));
-                            Metrics::add(&hub.m.ingest_errors, 1);
+                            Metrics::add(&hub.metrics.ingest_errors, 1);
                             return;
                         }
                     }
@@ -99,7 +89,7 @@ async fn connection(hub: Arc<Hub>, mut s: UnixStream, mut down: watch::Receiver<
                 Ok(None) => break,
                 Err(e) => {
                     BAD_FRAME_LOG.log(format_args!("ingest connection closed: {e}"));
-                    Metrics::add(&hub.m.ingest_errors, 1);
+                    Metrics::add(&hub.metrics.ingest_errors, 1);
                     return;
                 }
             }
@@ -135,7 +125,7 @@ async fn connection(hub: Arc<Hub>, mut s: UnixStream, mut down: watch::Receiver<
 async fn handle(hub: &Hub, msg: IngestMessage, reply: &mut Vec<u8>) {
     match msg {
         IngestMessage::Hello { version, dropped } => {
-            Metrics::add(&hub.m.events_dropped, dropped);
+            Metrics::add(&hub.metrics.events_dropped, dropped);
             // Only a newer extension takes over: while old and new workers
             // overlap (rolling reload), an older one must not restart the hub.
             if version_newer(&version, &hub.version) {
@@ -155,14 +145,14 @@ async fn handle(hub: &Hub, msg: IngestMessage, reply: &mut Vec<u8>) {
                 || pusher::validate_event(&event).is_err()
                 || data.len() > MAX_EVENT_DATA
             {
-                Metrics::add(&hub.m.events_in, 1);
-                Metrics::add(&hub.m.events_dropped, 1);
+                Metrics::add(&hub.metrics.events_in, 1);
+                Metrics::add(&hub.metrics.events_dropped, 1);
                 return;
             }
             if refuse_published(&channel, &event, &data).is_some() {
-                Metrics::add(&hub.m.events_in, 1);
-                Metrics::add(&hub.m.events_dropped, 1);
-                Metrics::add(&hub.m.published_refused, 1);
+                Metrics::add(&hub.metrics.events_in, 1);
+                Metrics::add(&hub.metrics.events_dropped, 1);
+                Metrics::add(&hub.metrics.published_refused, 1);
                 return;
             }
             // A seq in published data orders nothing: it is the upload's own
@@ -185,9 +175,9 @@ async fn handle(hub: &Hub, msg: IngestMessage, reply: &mut Vec<u8>) {
             if hub.is_upload(report.upload_id()) {
                 // A plain request tagged with the id of an Upload (anyone
                 // can send one): it never speaks on that Upload's channel.
-                Metrics::add(&hub.m.events_in, 1);
-                Metrics::add(&hub.m.events_dropped, 1);
-                Metrics::add(&hub.m.tagged_refused, 1);
+                Metrics::add(&hub.metrics.events_in, 1);
+                Metrics::add(&hub.metrics.events_dropped, 1);
+                Metrics::add(&hub.metrics.tagged_refused, 1);
                 return;
             }
             route(hub, Event::Tagged(report));

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
-use super::{lock, log};
+use super::lock;
 
 /// The numbers derived from the fd limit and the directives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -252,25 +252,6 @@ fn evict(g: &mut Inner, id: u64) {
     if let Some((_, n)) = g.pending.remove(&id) {
         n.notify_one();
     }
-}
-
-/// After a failed accept(): logs at most every 10 s and says how long to
-/// pause. EMFILE/ENFILE/ENOBUFS/ENOMEM leave the connection in the backlog,
-/// so retrying at once would spin.
-pub(crate) fn accept_failed(
-    what: &str,
-    e: &std::io::Error,
-    last_log: &mut Option<std::time::Instant>,
-) -> std::time::Duration {
-    if last_log.is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(10)) {
-        log(format_args!("{what} failed: {e}"));
-        *last_log = Some(std::time::Instant::now());
-    }
-    let resource = matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-    );
-    std::time::Duration::from_millis(if resource { 100 } else { 5 })
 }
 
 #[cfg(test)]

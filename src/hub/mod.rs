@@ -17,6 +17,7 @@
 //! 4200 hub restart, reconnect now (close frame only), 4201 pong timeout
 //! (closed), 4301 client events are refused (connection kept).
 
+mod accept;
 mod channels;
 mod conn;
 mod event;
@@ -48,7 +49,6 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::Config;
 use conn::Conn;
-pub(crate) use limits::accept_failed;
 pub(crate) use log::{log, now_ms, now_us, RateLog};
 pub(crate) use metrics::Metrics;
 pub(crate) use shared::{lock, Hub};
@@ -190,12 +190,12 @@ pub(crate) async fn serve(
     let hub = Arc::new(Hub {
         cfg: config,
         version,
-        tun,
+        tunables: tun,
         started: Instant::now(),
         listen_addr,
         state: Mutex::new(State::default()),
         conns: Mutex::new(HashMap::new()),
-        m: Metrics::default(),
+        metrics: Metrics::default(),
         redis: bridge,
         replay: Mutex::new(replay::Signatures::new(http::MAX_SIGNATURES)),
         uploads_seen: Mutex::new(std::collections::HashSet::new()),
@@ -257,7 +257,7 @@ async fn shutdown(
         // Spread the reconnects: Pusher clients reconnect at once on 4200.
         let steps = 20usize;
         let per_step = n.div_ceil(steps);
-        let pause = hub.tun.close_spread / steps as u32;
+        let pause = hub.tunables.close_spread / steps as u32;
         for (i, batch) in conns.chunks(per_step.max(1)).enumerate() {
             if i > 0 {
                 tokio::time::sleep(pause).await;
@@ -268,7 +268,7 @@ async fn shutdown(
         }
     }
     let deadline = Instant::now() + Duration::from_millis(800);
-    while Metrics::get(&hub.m.connections) > 0 && Instant::now() < deadline {
+    while Metrics::get(&hub.metrics.connections) > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -276,11 +276,11 @@ async fn shutdown(
 async fn sweep_loop(hub: Arc<Hub>, mut down: watch::Receiver<bool>) {
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(hub.tun.sweep_every) => {}
+            _ = tokio::time::sleep(hub.tunables.sweep_every) => {}
             _ = down.changed() => return,
         }
         let mut st = lock(&hub.state);
-        st.sweep(hub.tun.retention);
+        st.sweep(hub.tunables.retention);
     }
 }
 

@@ -13,8 +13,8 @@ impl Hub {
     /// What delivery needs besides the state: counters and the queue cap.
     pub fn ctx(&self) -> Ctx<'_> {
         Ctx {
-            m: &self.m,
-            cap: self.tun.queue_cap,
+            metrics: &self.metrics,
+            cap: self.tunables.queue_cap,
         }
     }
 }

@@ -19,13 +19,13 @@ pub(super) const MAX_UPLOADS_SEEN: usize = 100_000;
 pub(crate) struct Hub {
     pub cfg: Config,
     pub version: String,
-    pub tun: Tunables,
+    pub tunables: Tunables,
     pub started: Instant,
     /// The address actually bound (the port is known even when `listen` says 0).
     pub listen_addr: String,
     pub state: Mutex<State>,
     pub conns: Mutex<HashMap<u64, Arc<Conn>>>,
-    pub m: Metrics,
+    pub metrics: Metrics,
     /// The Redis bridge, when `redis_url` is set (and valid).
     pub redis: Option<Arc<redis::Bridge>>,
     /// Events API signatures already accepted.
@@ -99,15 +99,15 @@ impl Hub {
             "running": true,
             "pid": std::process::id(),
             "listen": self.listen_addr,
-            "connections": Metrics::get(&self.m.connections),
+            "connections": Metrics::get(&self.metrics.connections),
             "channels": channels,
             "subscriptions": subscriptions,
             "uptime_s": self.uptime_s(),
             "version": self.version,
-            "events_in": Metrics::get(&self.m.events_in),
-            "events_out": Metrics::get(&self.m.events_out),
-            "events_dropped": Metrics::get(&self.m.events_dropped),
-            "slow_consumer_evictions": Metrics::get(&self.m.evictions),
+            "events_in": Metrics::get(&self.metrics.events_in),
+            "events_out": Metrics::get(&self.metrics.events_out),
+            "events_dropped": Metrics::get(&self.metrics.events_dropped),
+            "slow_consumer_evictions": Metrics::get(&self.metrics.evictions),
             "redis": self.redis.as_ref().map(|b| serde_json::json!({
                 "connected": b.connected.load(Ordering::Relaxed),
                 "hub_id": b.id,

@@ -40,7 +40,7 @@ impl State {
                 _ => !self.channels.is_finished(&channel),
             };
         if !valid {
-            Metrics::add(&ctx.m.events_dropped, 1);
+            Metrics::add(&ctx.metrics.events_dropped, 1);
             return;
         }
         let seq = self.channels.next_seq(&channel);
@@ -57,7 +57,7 @@ impl State {
                 self.deliver(ctx, &ev);
             }
             // Nothing known about its size (the hub restarted): nothing to report.
-            None => Metrics::add(&ctx.m.events_dropped, 1),
+            None => Metrics::add(&ctx.metrics.events_dropped, 1),
         }
     }
 
@@ -85,7 +85,7 @@ mod tests {
     use crate::protocol::ingest::{ProgressReport, StreamOutcome};
 
     fn ctx(m: &Metrics) -> Ctx<'_> {
-        Ctx { m, cap: 4 }
+        Ctx { metrics: m, cap: 4 }
     }
 
     fn ev(channel: &str, data: &str, seq: Option<u64>) -> ChannelEvent {

@@ -45,12 +45,12 @@ pub(crate) fn ws_config() -> WebSocketConfig {
 pub(crate) fn register(hub: &Hub) -> Option<Arc<Conn>> {
     let max = hub.limits.budget.websockets;
     let n = hub
-        .m
+        .metrics
         .connections
         .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
         + 1;
     if max > 0 && n > max {
-        hub.m
+        hub.metrics
             .connections
             .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         return None;
@@ -66,14 +66,14 @@ pub(crate) fn register(hub: &Hub) -> Option<Arc<Conn>> {
 
 fn unregister(hub: &Hub, conn: &Conn) {
     if lock(&hub.conns).remove(&conn.id).is_some() {
-        hub.m
+        hub.metrics
             .connections
             .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
 async fn send(hub: &Hub, ws: &mut Ws, text: Utf8Bytes) -> Result<(), ()> {
-    match tokio::time::timeout(hub.tun.write_timeout, ws.send(Message::Text(text))).await {
+    match tokio::time::timeout(hub.tunables.write_timeout, ws.send(Message::Text(text))).await {
         Ok(Ok(())) => Ok(()),
         _ => Err(()),
     }
@@ -178,7 +178,7 @@ async fn serve_conn(hub: &Hub, ws: &mut Ws, conn: &Arc<Conn>, subs: &mut Vec<Box
         return End::Gone;
     }
     let activity = Duration::from_secs(hub.cfg.activity_timeout.clamp(1, 86_400));
-    let pong_timeout = hub.tun.pong_timeout;
+    let pong_timeout = hub.tunables.pong_timeout;
     let mut last_rx = Instant::now();
     let mut ping_sent: Option<Instant> = None;
     let sleep = tokio::time::sleep(activity);
@@ -224,7 +224,7 @@ async fn serve_conn(hub: &Hub, ws: &mut Ws, conn: &Arc<Conn>, subs: &mut Vec<Box
                     Message::Binary(_) => vec![error_frame(4000, "Binary messages are not supported")],
                     Message::Ping(_) => {
                         // tungstenite queued the pong: write it now.
-                        if tokio::time::timeout(hub.tun.write_timeout, ws.flush()).await.is_err() {
+                        if tokio::time::timeout(hub.tunables.write_timeout, ws.flush()).await.is_err() {
                             return End::Gone;
                         }
                         Vec::new()

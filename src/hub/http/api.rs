@@ -325,7 +325,7 @@ fn events(hub: &Hub, body: &[u8], batch: bool) -> (u16, String) {
             Ok(c) => checked.push(c),
             Err((status, m)) => {
                 if status == 403 {
-                    Metrics::add(&hub.m.published_refused, 1);
+                    Metrics::add(&hub.metrics.published_refused, 1);
                 }
                 return (status, error_body(&m));
             }

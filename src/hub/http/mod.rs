@@ -4,7 +4,7 @@
 //! Plain HTTP responses are `Connection: close`.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -27,60 +27,45 @@ const MAX_HEAD: usize = 8 * 1024;
 /// Refusals arrive at flood speed: one log line per 10 s.
 static REFUSED_LOG: super::RateLog = super::RateLog::new();
 
-pub(crate) async fn accept_loop(
-    hub: Arc<Hub>,
-    listener: TcpListener,
-    mut down: watch::Receiver<bool>,
-) {
-    let mut last_log: Option<Instant> = None;
-    loop {
-        let r = tokio::select! {
-            _ = down.changed() => return,
-            r = listener.accept() => r,
-        };
-        match r {
-            Ok((s, addr)) => {
-                let mut tries = 0;
-                let slot = loop {
-                    match hub.limits.admit(addr.ip()) {
-                        Admit::Ok(slot) => break Some(slot),
-                        Admit::Refuse(why) => {
-                            REFUSED_LOG
-                                .log(format_args!("connection from {} refused: {why}", addr.ip()));
-                            break None;
-                        }
-                        Admit::Wait if tries < 5 => {
-                            // An old pending connection was told to close.
-                            tries += 1;
-                            hub.limits.wait_freed(Duration::from_millis(20)).await;
-                        }
-                        Admit::Wait => {
-                            REFUSED_LOG.log(format_args!(
-                                "connection from {} refused: no descriptor freed in time",
-                                addr.ip()
-                            ));
-                            break None;
-                        }
-                    }
-                };
-                match slot {
-                    Some(slot) => {
-                        let _ = s.set_nodelay(true);
-                        tokio::spawn(handle(hub.clone(), s, slot));
-                    }
-                    None => {
-                        Metrics::add(&hub.m.tcp_refused, 1);
-                        drop(s);
-                    }
-                }
+pub(crate) async fn accept_loop(hub: Arc<Hub>, listener: TcpListener, down: watch::Receiver<bool>) {
+    super::accept::accept_loop("accept", listener, down, |(s, addr)| {
+        admit(hub.clone(), s, addr)
+    })
+    .await;
+}
+
+/// Gives a new TCP connection its place in the descriptor budget, or closes it.
+async fn admit(hub: Arc<Hub>, s: TcpStream, addr: std::net::SocketAddr) {
+    let mut tries = 0;
+    let slot = loop {
+        match hub.limits.admit(addr.ip()) {
+            Admit::Ok(slot) => break Some(slot),
+            Admit::Refuse(why) => {
+                REFUSED_LOG.log(format_args!("connection from {} refused: {why}", addr.ip()));
+                break None;
             }
-            Err(e) => {
-                let pause = super::accept_failed("accept", &e, &mut last_log);
-                tokio::select! {
-                    _ = down.changed() => return,
-                    _ = tokio::time::sleep(pause) => {}
-                }
+            Admit::Wait if tries < 5 => {
+                // An old pending connection was told to close.
+                tries += 1;
+                hub.limits.wait_freed(Duration::from_millis(20)).await;
             }
+            Admit::Wait => {
+                REFUSED_LOG.log(format_args!(
+                    "connection from {} refused: no descriptor freed in time",
+                    addr.ip()
+                ));
+                break None;
+            }
+        }
+    };
+    match slot {
+        Some(slot) => {
+            let _ = s.set_nodelay(true);
+            tokio::spawn(handle(hub, s, slot));
+        }
+        None => {
+            Metrics::add(&hub.metrics.tcp_refused, 1);
+            drop(s);
         }
     }
 }
@@ -227,12 +212,12 @@ async fn respond_json(s: &mut TcpStream, status: u16, body: &str) {
 }
 
 async fn handle(hub: Arc<Hub>, mut s: TcpStream, slot: Slot) {
-    let deadline = tokio::time::Instant::now() + hub.tun.handshake_timeout;
+    let deadline = tokio::time::Instant::now() + hub.tunables.handshake_timeout;
     let head = tokio::select! {
         r = tokio::time::timeout_at(deadline, read_head(&mut s)) => r,
         _ = slot.evicted() => {
             // Closed to make room for a newer connection.
-            Metrics::add(&hub.m.pending_evicted, 1);
+            Metrics::add(&hub.metrics.pending_evicted, 1);
             return;
         }
     };
@@ -273,7 +258,7 @@ async fn handle(hub: Arc<Hub>, mut s: TcpStream, slot: Slot) {
             let body = serde_json::json!({
                 "status": "ok",
                 "version": hub.version,
-                "connections": Metrics::get(&hub.m.connections),
+                "connections": Metrics::get(&hub.metrics.connections),
                 "tcp_connections": tcp,
                 "pending_handshakes": pending,
                 "uptime_s": hub.uptime_s(),
@@ -297,7 +282,7 @@ async fn handle(hub: Arc<Hub>, mut s: TcpStream, slot: Slot) {
             let (status, body) = tokio::select! {
                 r = api::api(&hub, &mut s, &req, deadline) => r,
                 _ = slot.evicted() => {
-                    Metrics::add(&hub.m.pending_evicted, 1);
+                    Metrics::add(&hub.metrics.pending_evicted, 1);
                     return;
                 }
             };

@@ -8,7 +8,7 @@ pub(crate) fn metrics_text(hub: &Hub) -> String {
         let c = &st.channels;
         (c.channel_count(), c.subscriptions, c.retained_count())
     };
-    let m = &hub.m;
+    let m = &hub.metrics;
     let redis = hub.redis.as_ref();
     let rget = |f: fn(&crate::hub::redis::Bridge) -> u64| redis.map_or(0, |b| f(b));
     let rows: [(&str, &str, &str, u64); 19] = [

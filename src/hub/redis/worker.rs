@@ -57,8 +57,8 @@ fn seq_floor(hub: &Hub, channel: &str) -> u64 {
 }
 
 fn dropped(hub: &Hub) {
-    Metrics::add(&hub.m.events_in, 1);
-    Metrics::add(&hub.m.events_dropped, 1);
+    Metrics::add(&hub.metrics.events_in, 1);
+    Metrics::add(&hub.metrics.events_dropped, 1);
 }
 
 /// Runs the script of `ev`; the event to deliver on this host, if any.
@@ -115,7 +115,7 @@ fn answer(
         Some((_, event, _)) if event.is_empty() => {
             // A tagged request for an Upload of some host.
             dropped(hub);
-            Metrics::add(&hub.m.tagged_refused, 1);
+            Metrics::add(&hub.metrics.tagged_refused, 1);
             None
         }
         Some((seq, event, data)) => {
