@@ -2,13 +2,11 @@
 //! browsers, accepts the Pusher HTTP events API, reads events from PHP
 //! processes on the ingest socket and keeps the latest event of each channel.
 //!
-//! Layout:
-//! - `mod.rs`: options, `run`, the serve loop, shutdown and the watched pid;
-//! - `state.rs`: channels, subscribers, fan-out, latest events, upload aggregation;
-//! - `http.rs`: the HTTP request head, routing, events API, `/health`, `/metrics`;
-//! - `ws.rs`: one task per WebSocket connection (Pusher protocol);
-//! - `ingest.rs`: the Unix socket PHP processes write to;
-//! - `redis.rs`: the bridge between the hubs of several hosts (`redis_url`).
+//! This module is wiring only (`run`, `serve`, shutdown); docs/architecture.md
+//! lists the modules and follows one event through them: `ingest.rs` and
+//! `http/` make typed events (`event.rs`), `router.rs` routes them to this
+//! host (`state.rs`: `channels.rs`, `uploads.rs`) or through Redis (`redis/`),
+//! `ws.rs` writes the frames to the clients.
 //!
 //! Error codes sent to WebSocket clients (`pusher:error` data `{"code","message"}`):
 //! 4000 malformed message / unsupported event (connection kept), 4001 unknown app
@@ -24,6 +22,7 @@ mod event;
 mod frames;
 mod http;
 mod ingest;
+mod lifecycle;
 mod limits;
 mod log;
 mod metrics;
@@ -89,35 +88,11 @@ pub fn run(opts: HubOptions) -> Result<(), String> {
     let fds = limits::raise_fd_limit();
     log(format_args!("descriptor limit {fds}"));
     let res = rt.block_on(async {
-        let stop = signals();
+        let stop = lifecycle::signals();
         serve(opts, None, Tunables::default(), stop).await
     });
     rt.shutdown_timeout(Duration::from_millis(300));
     res
-}
-
-/// Resolves with the name of the first SIGTERM or SIGINT received.
-fn signals() -> impl Future<Output = String> + Send {
-    use tokio::signal::unix::{signal, SignalKind};
-    let term = signal(SignalKind::terminate());
-    let int = signal(SignalKind::interrupt());
-    async move {
-        match (term, int) {
-            (Ok(mut t), Ok(mut i)) => tokio::select! {
-                _ = t.recv() => "SIGTERM".to_string(),
-                _ = i.recv() => "SIGINT".to_string(),
-            },
-            (Ok(mut t), Err(e)) | (Err(e), Ok(mut t)) => {
-                log(format_args!("cannot install a signal handler: {e}"));
-                t.recv().await;
-                "signal".to_string()
-            }
-            (Err(e), Err(_)) => {
-                log(format_args!("cannot install signal handlers: {e}"));
-                std::future::pending().await
-            }
-        }
-    }
 }
 
 /// Serves until `stop` resolves, the watched pid exits or a hand-over is
@@ -229,7 +204,7 @@ pub(crate) async fn serve(
     let reason = tokio::select! {
         r = stop => r,
         r = stop_rx.recv() => r.unwrap_or_else(|| "stop requested".to_string()),
-        r = watch(watch_pid) => r,
+        r = lifecycle::watch(watch_pid) => r,
     };
     log(format_args!("shutting down: {reason}"));
     let mut tasks = vec![tcp_task, ingest_task, sweeper];
@@ -281,39 +256,5 @@ async fn sweep_loop(hub: Arc<Hub>, mut down: watch::Receiver<bool>) {
         }
         let mut st = lock(&hub.state);
         st.sweep(hub.tunables.retention);
-    }
-}
-
-/// Resolves when `pid` exits; never when there is none to watch.
-async fn watch(pid: Option<i32>) -> String {
-    let Some(pid) = pid.filter(|p| *p > 0) else {
-        return std::future::pending().await;
-    };
-    let gone = format!("watched process {pid} exited");
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd >= 0 {
-        use std::os::fd::{FromRawFd, OwnedFd};
-        // SAFETY: the fd was just returned by pidfd_open and is owned by nobody else.
-        let owned = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-        // `register_with_interest` only exists in recent tokio versions; the fd is
-        // owned and stays open as long as the AsyncFd, which is what it asks for.
-        #[allow(deprecated)]
-        let afd = tokio::io::unix::AsyncFd::with_interest(owned, tokio::io::Interest::READABLE);
-        if let Ok(afd) = afd {
-            // A pidfd becomes readable when the process exits.
-            let _ = afd.readable().await;
-            return gone;
-        }
-    } else if std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
-        return gone;
-    }
-    loop {
-        // SAFETY: kill with signal 0 only checks that the process exists.
-        let r = unsafe { libc::kill(pid, 0) };
-        if r == -1 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
-            return gone;
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
