@@ -44,3 +44,12 @@ pub struct User {
 pub struct BatchAnswer {
     pub batch: Vec<BTreeMap<String, String>>,
 }
+
+/// What an app's auth endpoint answers (`UploadProgress\auth()`):
+/// `{"auth":"<key>:<hex hmac>"}`, plus `channel_data` on presence channels.
+#[derive(Serialize, Debug)]
+pub struct ChannelAuth<'a> {
+    pub auth: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub channel_data: Option<&'a str>,
+}
