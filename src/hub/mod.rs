@@ -254,7 +254,7 @@ async fn sweep_loop(hub: Arc<Hub>, mut down: watch::Receiver<bool>) {
             _ = tokio::time::sleep(hub.tunables.sweep_every) => {}
             _ = down.changed() => return,
         }
-        let mut st = lock(&hub.state);
-        st.sweep(hub.tunables.retention);
+        let mut state = lock(&hub.state);
+        state.sweep(hub.tunables.retention);
     }
 }

@@ -22,7 +22,7 @@ impl Hub {
 /// Routes `ev`: through Redis when the bridge takes it, else on this host.
 pub(crate) fn route(hub: &Hub, ev: Event) {
     let ev = match &hub.redis {
-        Some(b) => match b.offer(ev) {
+        Some(bridge) => match bridge.offer(ev) {
             Ok(()) => return,
             Err(ev) => ev,
         },
@@ -40,16 +40,16 @@ pub(crate) fn handed_back(hub: &Hub, ev: Event) {
 /// folded by this host's aggregator. With a bridge the channel is written
 /// back to Redis once it is reachable again.
 fn deliver_local(hub: &Hub, ev: Event) {
-    if let Some(b) = &hub.redis {
-        b.mark_unsynced(ev.channel());
+    if let Some(bridge) = &hub.redis {
+        bridge.mark_unsynced(ev.channel());
     }
     let ctx = hub.ctx();
-    let mut st = lock(&hub.state);
+    let mut state = lock(&hub.state);
     match ev {
         Event::Channel(e) => {
-            st.deliver(&ctx, &e);
+            state.deliver(&ctx, &e);
         }
-        Event::Upload(r) | Event::Tagged(r) => st.report(&ctx, &r),
+        Event::Upload(r) | Event::Tagged(r) => state.report(&ctx, &r),
     }
 }
 
@@ -66,25 +66,25 @@ pub(crate) fn latest_from_redis(hub: &Hub, ev: &ChannelEvent) {
 
 /// A connection subscribed to `channel`.
 pub(crate) fn subscribed(hub: &Hub, channel: &str, sub: &Subscribed) {
-    if let Some(b) = &hub.redis {
-        b.occupancy_changed();
+    if let Some(bridge) = &hub.redis {
+        bridge.occupancy_changed();
         if sub.first {
-            b.subscriptions_changed();
+            bridge.subscriptions_changed();
         }
         if sub.replay.is_none() {
             // Another host may have the latest event: it is replayed through
             // the connection's queue, after subscription_succeeded.
-            b.request_latest(channel);
+            bridge.request_latest(channel);
         }
     }
 }
 
 /// Connections unsubscribed; `emptied`: a channel lost its last local subscriber.
 pub(crate) fn unsubscribed(hub: &Hub, emptied: bool) {
-    if let Some(b) = &hub.redis {
-        b.occupancy_changed();
+    if let Some(bridge) = &hub.redis {
+        bridge.occupancy_changed();
         if emptied {
-            b.subscriptions_changed();
+            bridge.subscriptions_changed();
         }
     }
 }

@@ -92,8 +92,8 @@ impl Hub {
     /// `QueryStatus` answer.
     pub fn status_json(&self) -> String {
         let (channels, subscriptions) = {
-            let st = lock(&self.state);
-            (st.channels.channel_count(), st.channels.subscriptions)
+            let state = lock(&self.state);
+            (state.channels.channel_count(), state.channels.subscriptions)
         };
         serde_json::json!({
             "running": true,

@@ -101,13 +101,13 @@ mod tests {
     #[test]
     fn stale_seq_is_dropped_and_latest_kept() {
         let m = Metrics::default();
-        let mut st = State::default();
+        let mut state = State::default();
         let c = Arc::new(Conn::new(1, 7));
-        st.channels.subscribe(&ctx(&m), &c, "ch", None);
-        assert!(st.deliver(&ctx(&m), &ev("ch", r#"{"seq":5}"#, Some(5))));
-        assert!(!st.deliver(&ctx(&m), &ev("ch", r#"{"seq":5}"#, Some(5))));
-        assert!(!st.deliver(&ctx(&m), &ev("ch", r#"{"seq":4}"#, Some(4))));
-        assert!(st.deliver(&ctx(&m), &ev("ch", r#"{"seq":6}"#, Some(6))));
+        state.channels.subscribe(&ctx(&m), &c, "ch", None);
+        assert!(state.deliver(&ctx(&m), &ev("ch", r#"{"seq":5}"#, Some(5))));
+        assert!(!state.deliver(&ctx(&m), &ev("ch", r#"{"seq":5}"#, Some(5))));
+        assert!(!state.deliver(&ctx(&m), &ev("ch", r#"{"seq":4}"#, Some(4))));
+        assert!(state.deliver(&ctx(&m), &ev("ch", r#"{"seq":6}"#, Some(6))));
         assert_eq!(Metrics::get(&m.events_dropped), 2);
         let mut got = vec![];
         while let Pop::Msg(x) = c.pop() {
@@ -120,23 +120,24 @@ mod tests {
     #[test]
     fn full_queue_evicts() {
         let m = Metrics::default();
-        let mut st = State::default();
+        let mut state = State::default();
         let c = Arc::new(Conn::new(1, 7));
-        st.channels.subscribe(&ctx(&m), &c, "ch", None);
+        state.channels.subscribe(&ctx(&m), &c, "ch", None);
         for _ in 0..5 {
-            st.deliver(&ctx(&m), &ev("ch", "x", None));
+            state.deliver(&ctx(&m), &ev("ch", "x", None));
         }
         assert_eq!(Metrics::get(&m.evictions), 1);
-        assert_eq!(st.channels.subscriptions, 0);
+        assert_eq!(state.channels.subscriptions, 0);
         assert!(matches!(c.pop(), Pop::Close(4100, _)));
     }
 
     #[test]
     fn aggregation_of_parallel_streams() {
         let m = Metrics::default();
-        let mut st = State::default();
+        let mut state = State::default();
         let c = Arc::new(Conn::new(1, 7));
-        st.channels
+        state
+            .channels
             .subscribe(&ctx(&m), &c, "private-upload.u1", None);
         let rep = |stream, inflight, stored, done| {
             UploadReport::Progress(ProgressReport {
@@ -158,11 +159,11 @@ mod tests {
                 chunks_done: 1,
             })
         };
-        st.report(&ctx(&m), &rep(1, 50, 0, 0));
-        st.report(&ctx(&m), &rep(2, 70, 0, 0));
-        st.report(&ctx(&m), &end(1, StreamOutcome::Stored));
-        st.report(&ctx(&m), &end(2, StreamOutcome::Failed));
-        let data = st.channels.latest_upload_data("u1").unwrap();
+        state.report(&ctx(&m), &rep(1, 50, 0, 0));
+        state.report(&ctx(&m), &rep(2, 70, 0, 0));
+        state.report(&ctx(&m), &end(1, StreamOutcome::Stored));
+        state.report(&ctx(&m), &end(2, StreamOutcome::Failed));
+        let data = state.channels.latest_upload_data("u1").unwrap();
         let v: serde_json::Value = serde_json::from_str(&data).unwrap();
         assert_eq!(v["bytes_done"], 100);
         assert_eq!(v["chunks_done"], 1);
@@ -178,16 +179,16 @@ mod tests {
             event: "complete".into(),
             fields: r#"{"path":"/x","seq":1}"#.into(),
         });
-        st.report(&ctx(&m), &terminal);
-        let latest = st.channels.latest_upload_data("u1").unwrap();
+        state.report(&ctx(&m), &terminal);
+        let latest = state.channels.latest_upload_data("u1").unwrap();
         let v: serde_json::Value = serde_json::from_str(&latest).unwrap();
         assert_eq!(v["state"], "complete");
         assert_eq!(v["bytes_total"], 1000);
         assert_eq!(v["path"], "/x");
         assert!(v["seq"].as_u64().unwrap() > 1);
         // Late reports after the terminal event are dropped.
-        st.report(&ctx(&m), &rep(3, 5, 0, 0));
-        let latest = st.channels.latest_upload_data("u1").unwrap();
+        state.report(&ctx(&m), &rep(3, 5, 0, 0));
+        let latest = state.channels.latest_upload_data("u1").unwrap();
         let v: serde_json::Value = serde_json::from_str(&latest).unwrap();
         assert_eq!(v["state"], "complete");
     }
@@ -195,13 +196,13 @@ mod tests {
     #[test]
     fn sweep_forgets_idle_channels() {
         let m = Metrics::default();
-        let mut st = State::default();
-        st.deliver(&ctx(&m), &ev("a", "x", None));
-        assert_eq!(st.channels.retained_count(), 1);
-        st.sweep(Duration::from_secs(3600));
-        assert_eq!(st.channels.retained_count(), 1);
-        st.sweep(Duration::ZERO);
-        assert_eq!(st.channels.retained_count(), 0);
-        assert_eq!(st.channels.latest_bytes(), 0);
+        let mut state = State::default();
+        state.deliver(&ctx(&m), &ev("a", "x", None));
+        assert_eq!(state.channels.retained_count(), 1);
+        state.sweep(Duration::from_secs(3600));
+        assert_eq!(state.channels.retained_count(), 1);
+        state.sweep(Duration::ZERO);
+        assert_eq!(state.channels.retained_count(), 0);
+        assert_eq!(state.channels.latest_bytes(), 0);
     }
 }

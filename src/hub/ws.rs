@@ -127,12 +127,12 @@ pub(crate) async fn session(hub: Arc<Hub>, mut ws: Ws, conn: Arc<Conn>) {
     // Unsubscribe first, so that fan-out stops reaching this connection at once.
     {
         let ctx = hub.ctx();
-        let mut st = lock(&hub.state);
+        let mut state = lock(&hub.state);
         let mut emptied = false;
         for ch in &subs {
-            emptied |= st.channels.unsubscribe(&ctx, &conn, ch);
+            emptied |= state.channels.unsubscribe(&ctx, &conn, ch);
         }
-        drop(st);
+        drop(state);
         router::unsubscribed(&hub, emptied);
     }
     drop(subs);

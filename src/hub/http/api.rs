@@ -83,7 +83,7 @@ pub(super) async fn api(
         return (405, error_body(&format!("only {method} is supported here")));
     }
     let body = match read_body(s, req, deadline).await {
-        Ok(b) => b,
+        Ok(bridge) => bridge,
         Err(e) => return e,
     };
     let now_s = (now_ms() / 1000) as i64;
@@ -154,8 +154,9 @@ async fn first_use(hub: &Hub, signature: &str, ts: i64, now_s: i64) -> Result<()
             ))
         }
     }
-    if let Some(b) = &hub.redis {
-        if b.first_seen_signature(signature, (expires - now_s + 1).max(1) as u64)
+    if let Some(bridge) = &hub.redis {
+        if bridge
+            .first_seen_signature(signature, (expires - now_s + 1).max(1) as u64)
             .await
             == Some(false)
         {
@@ -301,7 +302,7 @@ fn check_event(e: ApiEvent) -> Result<Checked, (u16, String)> {
 fn events(hub: &Hub, body: &[u8], batch: bool) -> (u16, String) {
     let events: Vec<ApiEvent> = if batch {
         match serde_json::from_slice::<ApiBatch>(body) {
-            Ok(b) => b.batch,
+            Ok(bridge) => bridge.batch,
             Err(e) => return (400, error_body(&format!("invalid JSON body: {e}"))),
         }
     } else {

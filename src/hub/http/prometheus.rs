@@ -4,13 +4,13 @@ use crate::hub::{lock, Hub, Metrics};
 
 pub(crate) fn metrics_text(hub: &Hub) -> String {
     let (channels, subscriptions, retained) = {
-        let st = lock(&hub.state);
-        let c = &st.channels;
+        let state = lock(&hub.state);
+        let c = &state.channels;
         (c.channel_count(), c.subscriptions, c.retained_count())
     };
     let m = &hub.metrics;
     let redis = hub.redis.as_ref();
-    let rget = |f: fn(&crate::hub::redis::Bridge) -> u64| redis.map_or(0, |b| f(b));
+    let rget = |f: fn(&crate::hub::redis::Bridge) -> u64| redis.map_or(0, |bridge| f(bridge));
     let rows: [(&str, &str, &str, u64); 19] = [
         (
             "connections",
@@ -100,25 +100,25 @@ pub(crate) fn metrics_text(hub: &Hub) -> String {
             "redis_connected",
             "gauge",
             "1 when the Redis bridge is connected (0 when down or not configured).",
-            rget(|b| u64::from(b.connected.load(std::sync::atomic::Ordering::Relaxed))),
+            rget(|bridge| u64::from(bridge.connected.load(std::sync::atomic::Ordering::Relaxed))),
         ),
         (
             "redis_errors_total",
             "counter",
             "Redis failures: connects, lost connections, failed or timed out commands.",
-            rget(|b| Metrics::get(&b.errors)),
+            rget(|bridge| Metrics::get(&bridge.errors)),
         ),
         (
             "redis_published_total",
             "counter",
             "Events this hub published through Redis.",
-            rget(|b| Metrics::get(&b.published)),
+            rget(|bridge| Metrics::get(&bridge.published)),
         ),
         (
             "redis_received_total",
             "counter",
             "Events of other hubs received from Redis.",
-            rget(|b| Metrics::get(&b.received)),
+            rget(|bridge| Metrics::get(&bridge.received)),
         ),
         (
             "uptime_seconds",

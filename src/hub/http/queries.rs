@@ -18,8 +18,8 @@ fn json<T: serde::Serialize>(v: &T) -> (u16, String) {
 /// whose name starts with `prefix`.
 async fn occupancy(hub: &Hub, prefix: &str) -> Result<Occupancy, (u16, String)> {
     let mut all = lock(&hub.state).channels.occupancy(prefix);
-    if let Some(b) = &hub.redis {
-        match b.remote_occupancy(prefix).await {
+    if let Some(bridge) = &hub.redis {
+        match bridge.remote_occupancy(prefix).await {
             Ok(other) => all.merge(other),
             Err(e) => return Err((503, error_body(&e))),
         }
@@ -127,8 +127,8 @@ pub(super) async fn terminate(hub: &Hub, user_id: &str) -> (u16, String) {
         return (400, error_body("invalid user id"));
     }
     router::terminate_local(hub, user_id);
-    if let Some(b) = &hub.redis {
-        if let Err(e) = b.publish_terminate(user_id).await {
+    if let Some(bridge) = &hub.redis {
+        if let Err(e) = bridge.publish_terminate(user_id).await {
             return (503, error_body(&e));
         }
     }

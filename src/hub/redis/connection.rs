@@ -68,20 +68,20 @@ impl RedisConn {
 }
 
 pub(super) async fn connect(
-    b: &Bridge,
+    bridge: &Bridge,
 ) -> RedisResult<(RedisConn, mpsc::UnboundedReceiver<PushInfo>)> {
     let (tx, rx) = mpsc::unbounded_channel::<PushInfo>();
-    let conn = if b.settings.cluster {
-        let client = redis::cluster::ClusterClientBuilder::new(b.settings.urls.clone())
+    let conn = if bridge.settings.cluster {
+        let client = redis::cluster::ClusterClientBuilder::new(bridge.settings.urls.clone())
             .use_protocol(ProtocolVersion::RESP3)
             .push_sender(tx)
-            .connection_timeout(b.timeout)
-            .response_timeout(b.timeout)
+            .connection_timeout(bridge.timeout)
+            .response_timeout(bridge.timeout)
             .retries(1)
             .build()?;
         RedisConn::Cluster(client.get_async_connection().await?)
     } else {
-        let info = b.settings.urls[0].as_str().into_connection_info()?;
+        let info = bridge.settings.urls[0].as_str().into_connection_info()?;
         let redis_settings = info
             .redis_settings()
             .clone()
@@ -89,8 +89,8 @@ pub(super) async fn connect(
         let info = info.set_redis_settings(redis_settings);
         let client = redis::Client::open(info)?;
         let cfg = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(b.timeout))
-            .set_response_timeout(Some(b.timeout))
+            .set_connection_timeout(Some(bridge.timeout))
+            .set_response_timeout(Some(bridge.timeout))
             .set_push_sender(tx);
         RedisConn::Single(
             client
@@ -99,8 +99,8 @@ pub(super) async fn connect(
         )
     };
     let mut conn = conn;
-    conn.load(&b.scripts.event).await?;
-    conn.load(&b.scripts.upload).await?;
-    conn.load(&b.scripts.reset).await?;
+    conn.load(&bridge.scripts.event).await?;
+    conn.load(&bridge.scripts.upload).await?;
+    conn.load(&bridge.scripts.reset).await?;
     Ok((conn, rx))
 }

@@ -271,20 +271,20 @@ pub(crate) fn start(
     hub: &Arc<Hub>,
     down: watch::Receiver<bool>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
-    let Some(b) = hub.redis.clone() else {
+    let Some(bridge) = hub.redis.clone() else {
         return Vec::new();
     };
-    let Some(rx) = lock(&b.ops_rx).take() else {
+    let Some(rx) = lock(&bridge.ops_rx).take() else {
         return Vec::new();
     };
     log(format_args!(
         "redis: bridging events through {} as hub {}",
-        b.describe(),
-        b.id
+        bridge.describe(),
+        bridge.id
     ));
     let w = Arc::downgrade(hub);
     vec![
-        tokio::spawn(worker::worker(w.clone(), b.clone(), rx, down.clone())),
-        tokio::spawn(session::supervisor(w, b, down)),
+        tokio::spawn(worker::worker(w.clone(), bridge.clone(), rx, down.clone())),
+        tokio::spawn(session::supervisor(w, bridge, down)),
     ]
 }

@@ -95,30 +95,30 @@ impl Bridge {
 /// Writes this hub's snapshot and its entry in the list of live hubs.
 pub(super) async fn write_occupancy(
     hub: &Hub,
-    b: &Bridge,
+    bridge: &Bridge,
     conn: &mut RedisConn,
 ) -> Result<(), String> {
     let snap = lock(&hub.state).channels.occupancy("");
     let text = serde_json::to_string(&snap).unwrap_or_default();
-    let ttl = b.occupancy_ttl();
+    let ttl = bridge.occupancy_ttl();
     let now = now_ms();
     let mut set = redis::cmd("SET");
-    set.arg(b.keys.occupancy(&b.id))
+    set.arg(bridge.keys.occupancy(&bridge.id))
         .arg(text)
         .arg("PX")
         .arg(ttl.as_millis() as u64);
     let mut add = redis::cmd("ZADD");
-    add.arg(b.keys.hubs())
+    add.arg(bridge.keys.hubs())
         .arg(now + ttl.as_millis() as u64)
-        .arg(&b.id);
+        .arg(&bridge.id);
     let mut prune = redis::cmd("ZREMRANGEBYSCORE");
-    prune.arg(b.keys.hubs()).arg("-inf").arg(now);
+    prune.arg(bridge.keys.hubs()).arg("-inf").arg(now);
     let work = async {
         conn.query::<()>(&set).await?;
         conn.query::<()>(&add).await?;
         conn.query::<()>(&prune).await
     };
-    match tokio::time::timeout(b.timeout, work).await {
+    match tokio::time::timeout(bridge.timeout, work).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(format!("writing the channel occupancy: {e}")),
         Err(_) => Err("writing the channel occupancy: timed out".into()),

@@ -19,7 +19,11 @@ use super::Bridge;
 use crate::hub::event::{is_upload_channel, ChannelEvent, TerminalKind};
 use crate::hub::{lock, log, router, Hub, Metrics};
 
-pub(super) async fn supervisor(hub: Weak<Hub>, b: Arc<Bridge>, mut down: watch::Receiver<bool>) {
+pub(super) async fn supervisor(
+    hub: Weak<Hub>,
+    bridge: Arc<Bridge>,
+    mut down: watch::Receiver<bool>,
+) {
     let mut backoff = Duration::from_millis(100);
     let mut down_since: Option<Instant> = None;
     let mut last_fail_log: Option<Instant> = None;
@@ -27,7 +31,7 @@ pub(super) async fn supervisor(hub: Weak<Hub>, b: Arc<Bridge>, mut down: watch::
     loop {
         let r = tokio::select! {
             _ = down.changed() => return,
-            r = tokio::time::timeout(b.timeout * 2, connect(&b)) => r,
+            r = tokio::time::timeout(bridge.timeout * 2, connect(&bridge)) => r,
         };
         let r = match r {
             Ok(r) => r,
@@ -40,24 +44,24 @@ pub(super) async fn supervisor(hub: Weak<Hub>, b: Arc<Bridge>, mut down: watch::
             Ok((conn, pushes)) => {
                 backoff = Duration::from_millis(100);
                 let Some(h) = hub.upgrade() else { return };
-                *lock(&b.conn) = Some(conn.clone());
-                b.check_now.store(false, Ordering::SeqCst);
-                b.connected.store(true, Ordering::SeqCst);
+                *lock(&bridge.conn) = Some(conn.clone());
+                bridge.check_now.store(false, Ordering::SeqCst);
+                bridge.connected.store(true, Ordering::SeqCst);
                 match down_since.take() {
                     Some(t) => log(format_args!(
                         "redis: connected again to {} after {:.1} s; events go through Redis again",
-                        b.describe(),
+                        bridge.describe(),
                         t.elapsed().as_secs_f64()
                     )),
-                    None => log(format_args!("redis: connected to {}", b.describe())),
+                    None => log(format_args!("redis: connected to {}", bridge.describe())),
                 }
                 first = false;
                 drop(h);
-                let why = session(&hub, &b, conn, pushes, &mut down).await;
-                b.connected.store(false, Ordering::SeqCst);
-                *lock(&b.conn) = None;
+                let why = session(&hub, &bridge, conn, pushes, &mut down).await;
+                bridge.connected.store(false, Ordering::SeqCst);
+                *lock(&bridge.conn) = None;
                 let Some(why) = why else { return };
-                Metrics::add(&b.errors, 1);
+                Metrics::add(&bridge.errors, 1);
                 log(format_args!(
                     "redis: connection lost ({why}); events stay on this host until Redis is back"
                 ));
@@ -65,11 +69,11 @@ pub(super) async fn supervisor(hub: Weak<Hub>, b: Arc<Bridge>, mut down: watch::
                 last_fail_log = Some(Instant::now());
             }
             Err(e) => {
-                Metrics::add(&b.errors, 1);
+                Metrics::add(&bridge.errors, 1);
                 if first {
                     log(format_args!(
                         "redis: cannot connect to {}: {e}; events stay on this host until it answers",
-                        b.describe()
+                        bridge.describe()
                     ));
                     first = false;
                     down_since = Some(Instant::now());
@@ -91,13 +95,13 @@ pub(super) async fn supervisor(hub: Weak<Hub>, b: Arc<Bridge>, mut down: watch::
 /// Serves one connection; returns why it ended (None: the hub stops).
 async fn session(
     hub: &Weak<Hub>,
-    b: &Bridge,
+    bridge: &Bridge,
     mut conn: RedisConn,
     mut pushes: mpsc::UnboundedReceiver<PushInfo>,
     down: &mut watch::Receiver<bool>,
 ) -> Option<String> {
     let mut subscribed: HashSet<String> = HashSet::new();
-    let mut ping = tokio::time::interval(b.ping_every);
+    let mut ping = tokio::time::interval(bridge.ping_every);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut resync = true;
     let mut need_reconcile = true;
@@ -105,27 +109,27 @@ async fn session(
         // Subscriptions first, then the latest events asked for, so that nothing
         // published between the two is missed.
         if need_reconcile {
-            if let Err(e) = reconcile(hub, b, &mut conn, &mut subscribed, resync).await {
+            if let Err(e) = reconcile(hub, bridge, &mut conn, &mut subscribed, resync).await {
                 return Some(e);
             }
             need_reconcile = false;
         }
         if resync {
-            if let Err(e) = write_back(hub, b, &mut conn).await {
+            if let Err(e) = write_back(hub, bridge, &mut conn).await {
                 return Some(e);
             }
             resync = false;
         }
-        if b.occupancy_dirty.swap(false, Ordering::SeqCst) {
+        if bridge.occupancy_dirty.swap(false, Ordering::SeqCst) {
             let h = hub.upgrade()?;
-            if let Err(e) = write_occupancy(&h, b, &mut conn).await {
-                b.occupancy_dirty.store(true, Ordering::SeqCst);
+            if let Err(e) = write_occupancy(&h, bridge, &mut conn).await {
+                bridge.occupancy_dirty.store(true, Ordering::SeqCst);
                 return Some(e);
             }
         }
-        let wanted: Vec<String> = std::mem::take(&mut *lock(&b.want_latest));
+        let wanted: Vec<String> = std::mem::take(&mut *lock(&bridge.want_latest));
         for ch in wanted {
-            if let Some((event, data, seq)) = b.fetch_latest(&ch).await {
+            if let Some((event, data, seq)) = bridge.fetch_latest(&ch).await {
                 if let Some(h) = hub.upgrade() {
                     let ev = ChannelEvent {
                         channel: ch,
@@ -140,22 +144,22 @@ async fn session(
         }
         tokio::select! {
             _ = down.changed() => return None,
-            _ = b.wake.notified() => {
+            _ = bridge.wake.notified() => {
                 need_reconcile = true;
-                if b.check_now.swap(false, Ordering::SeqCst) {
-                    if let Err(e) = health(b, &mut conn).await {
+                if bridge.check_now.swap(false, Ordering::SeqCst) {
+                    if let Err(e) = health(bridge, &mut conn).await {
                         return Some(e);
                     }
                 }
             }
             _ = ping.tick() => {
-                if let Err(e) = health(b, &mut conn).await {
+                if let Err(e) = health(bridge, &mut conn).await {
                     return Some(e);
                 }
                 // Also catches channels whose last subscriber was evicted
                 // as a slow consumer; the occupancy snapshot is refreshed.
                 need_reconcile = true;
-                b.occupancy_dirty.store(true, Ordering::SeqCst);
+                bridge.occupancy_dirty.store(true, Ordering::SeqCst);
             }
             p = pushes.recv() => {
                 let Some(p) = p else { return Some("connection closed".into()) };
@@ -163,32 +167,32 @@ async fn session(
                     return Some("disconnected".into());
                 }
                 let h = hub.upgrade()?;
-                on_push(&h, b, p);
+                on_push(&h, bridge, p);
                 // Drain what else is queued without another trip through select.
                 while let Ok(p) = pushes.try_recv() {
                     if p.kind == PushKind::Disconnection {
                         return Some("disconnected".into());
                     }
-                    on_push(&h, b, p);
+                    on_push(&h, bridge, p);
                 }
             }
         }
     }
 }
 
-async fn health(b: &Bridge, conn: &mut RedisConn) -> Result<(), String> {
-    let r = tokio::time::timeout(b.timeout, conn.query::<String>(&redis::cmd("PING"))).await;
+async fn health(bridge: &Bridge, conn: &mut RedisConn) -> Result<(), String> {
+    let r = tokio::time::timeout(bridge.timeout, conn.query::<String>(&redis::cmd("PING"))).await;
     match r {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(format!("PING failed: {e}")),
-        Err(_) => Err(format!("no answer to PING within {:?}", b.timeout)),
+        Err(_) => Err(format!("no answer to PING within {:?}", bridge.timeout)),
     }
 }
 
 /// Brings the Redis subscriptions in line with the channels that have local subscribers.
 async fn reconcile(
     hub: &Weak<Hub>,
-    b: &Bridge,
+    bridge: &Bridge,
     conn: &mut RedisConn,
     subscribed: &mut HashSet<String>,
     fetch_all: bool,
@@ -200,21 +204,21 @@ async fn reconcile(
         .channels
         .subscribed_channels()
         .into_iter()
-        .map(|c| b.keys.events(&c))
-        .chain(std::iter::once(b.keys.control()))
+        .map(|c| bridge.keys.events(&c))
+        .chain(std::iter::once(bridge.keys.control()))
         .collect();
     drop(h);
     let add: Vec<String> = wanted.difference(subscribed).cloned().collect();
     let remove: Vec<String> = subscribed.difference(&wanted).cloned().collect();
     for part in add.chunks(500) {
-        match tokio::time::timeout(b.timeout, conn.subscribe(part)).await {
+        match tokio::time::timeout(bridge.timeout, conn.subscribe(part)).await {
             Ok(Ok(())) => subscribed.extend(part.iter().cloned()),
             Ok(Err(e)) => return Err(format!("SUBSCRIBE failed: {e}")),
             Err(_) => return Err("SUBSCRIBE timed out".into()),
         }
     }
     for part in remove.chunks(500) {
-        match tokio::time::timeout(b.timeout, conn.unsubscribe(part)).await {
+        match tokio::time::timeout(bridge.timeout, conn.unsubscribe(part)).await {
             Ok(Ok(())) => {
                 for c in part {
                     subscribed.remove(c);
@@ -226,9 +230,9 @@ async fn reconcile(
     }
     if fetch_all {
         // After a (re)connect: catch up with what was published meanwhile.
-        let mut w = lock(&b.want_latest);
+        let mut w = lock(&bridge.want_latest);
         for ch in &wanted {
-            if let Some(c) = b.keys.channel_of(ch) {
+            if let Some(c) = bridge.keys.channel_of(ch) {
                 w.push(c.to_string());
             }
         }
@@ -239,8 +243,8 @@ async fn reconcile(
 /// After an outage: writes the latest events handled locally meanwhile back
 /// to Redis (compare-and-set by seq, so nothing newer is overwritten) and
 /// publishes them, so hosts whose clients missed them catch up.
-async fn write_back(hub: &Weak<Hub>, b: &Bridge, conn: &mut RedisConn) -> Result<(), String> {
-    let channels: Vec<String> = lock(&b.unsynced).drain().collect();
+async fn write_back(hub: &Weak<Hub>, bridge: &Bridge, conn: &mut RedisConn) -> Result<(), String> {
+    let channels: Vec<String> = lock(&bridge.unsynced).drain().collect();
     if channels.is_empty() {
         return Ok(());
     }
@@ -252,13 +256,13 @@ async fn write_back(hub: &Weak<Hub>, b: &Bridge, conn: &mut RedisConn) -> Result
         let Some((event, data, seq)) = lock(&h.state).channels.latest_parts(&ch) else {
             continue;
         };
-        let publisher = b.publisher();
+        let publisher = bridge.publisher();
         if is_upload_channel(&ch) {
             // The streams of this hub ended or went on unseen: they report
             // again if still running. A terminal event closes the aggregation.
             let finished = TerminalKind::of(&event).is_some();
-            let inv = reset_invocation(&b.scripts.reset, &publisher, &ch, finished);
-            match tokio::time::timeout(b.timeout, conn.invoke::<i64>(&inv)).await {
+            let inv = reset_invocation(&bridge.scripts.reset, &publisher, &ch, finished);
+            match tokio::time::timeout(bridge.timeout, conn.invoke::<i64>(&inv)).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => return Err(format!("writing back {ch}: {e}")),
                 Err(_) => return Err(format!("writing back {ch}: timed out")),
@@ -272,8 +276,8 @@ async fn write_back(hub: &Weak<Hub>, b: &Bridge, conn: &mut RedisConn) -> Result
             exclude: String::new(),
             transient: false,
         };
-        let inv = args.invocation(&b.scripts.event, &publisher);
-        match tokio::time::timeout(b.timeout, conn.invoke::<i64>(&inv)).await {
+        let inv = args.invocation(&bridge.scripts.event, &publisher);
+        match tokio::time::timeout(bridge.timeout, conn.invoke::<i64>(&inv)).await {
             Ok(Ok(_)) => n += 1,
             Ok(Err(e)) => return Err(format!("writing back {ch}: {e}")),
             Err(_) => return Err(format!("writing back {ch}: timed out")),
@@ -287,7 +291,7 @@ async fn write_back(hub: &Weak<Hub>, b: &Bridge, conn: &mut RedisConn) -> Result
     Ok(())
 }
 
-fn on_push(hub: &Hub, b: &Bridge, p: PushInfo) {
+fn on_push(hub: &Hub, bridge: &Bridge, p: PushInfo) {
     if !matches!(p.kind, PushKind::Message | PushKind::SMessage) {
         return;
     }
@@ -299,22 +303,22 @@ fn on_push(hub: &Hub, b: &Bridge, p: PushInfo) {
     let (Ok(ch), Ok(payload)) = (std::str::from_utf8(ch), std::str::from_utf8(payload)) else {
         return;
     };
-    if ch == b.keys.control() {
-        if let Some(user_id) = parse_terminate(payload, &b.id) {
+    if ch == bridge.keys.control() {
+        if let Some(user_id) = parse_terminate(payload, &bridge.id) {
             router::terminate_local(hub, user_id);
         }
         return;
     }
-    let Some(channel) = b.keys.channel_of(ch) else {
+    let Some(channel) = bridge.keys.channel_of(ch) else {
         return;
     };
     let Some(w) = parse_wire(payload) else {
         return;
     };
-    if w.origin == b.id {
+    if w.origin == bridge.id {
         return;
     }
-    Metrics::add(&b.received, 1);
+    Metrics::add(&bridge.received, 1);
     let ev = ChannelEvent {
         channel: channel.to_string(),
         event: w.event.to_string(),

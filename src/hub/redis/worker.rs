@@ -16,7 +16,7 @@ use crate::hub::{lock, now_ms, now_us, router, Hub, Metrics};
 
 pub(super) async fn worker(
     hub: Weak<Hub>,
-    b: Arc<Bridge>,
+    bridge: Arc<Bridge>,
     mut rx: mpsc::Receiver<Event>,
     mut down: watch::Receiver<bool>,
 ) {
@@ -26,8 +26,8 @@ pub(super) async fn worker(
             ev = rx.recv() => match ev { Some(ev) => ev, None => return },
         };
         let Some(hub) = hub.upgrade() else { return };
-        let conn = if b.connected.load(Ordering::SeqCst) {
-            b.current()
+        let conn = if bridge.connected.load(Ordering::SeqCst) {
+            bridge.current()
         } else {
             None
         };
@@ -35,15 +35,15 @@ pub(super) async fn worker(
             router::handed_back(&hub, ev);
             continue;
         };
-        match tokio::time::timeout(b.timeout, publish(&hub, &b, &mut conn, &ev)).await {
+        match tokio::time::timeout(bridge.timeout, publish(&hub, &bridge, &mut conn, &ev)).await {
             Ok(Ok(Some(answer))) => router::from_redis(&hub, &answer),
             Ok(Ok(None)) => {}
             Ok(Err(e)) => {
-                b.failed("publishing an event", &e);
+                bridge.failed("publishing an event", &e);
                 router::handed_back(&hub, ev);
             }
             Err(_) => {
-                b.failed("publishing an event", &"timed out");
+                bridge.failed("publishing an event", &"timed out");
                 router::handed_back(&hub, ev);
             }
         }
@@ -64,11 +64,11 @@ fn dropped(hub: &Hub) {
 /// Runs the script of `ev`; the event to deliver on this host, if any.
 async fn publish(
     hub: &Hub,
-    b: &Bridge,
+    bridge: &Bridge,
     conn: &mut RedisConn,
     ev: &Event,
 ) -> RedisResult<Option<ChannelEvent>> {
-    let publisher = b.publisher();
+    let publisher = bridge.publisher();
     let (report, tagged) = match ev {
         Event::Channel(e) => {
             let args = EventArgs {
@@ -80,13 +80,13 @@ async fn publish(
                 // Published events on an upload channel are delivered, never kept.
                 transient: e.seq.is_none() && is_upload_channel(&e.channel),
             };
-            let inv = args.invocation(&b.scripts.event, &publisher);
+            let inv = args.invocation(&bridge.scripts.event, &publisher);
             let ok: i64 = conn.invoke(&inv).await?;
             if ok != 1 {
                 dropped(hub);
                 return Ok(None);
             }
-            Metrics::add(&b.published, 1);
+            Metrics::add(&bridge.published, 1);
             return Ok(Some(e.clone()));
         }
         Event::Upload(r) => (r, false),
@@ -99,15 +99,15 @@ async fn publish(
         now_ms: now_ms(),
         tagged,
     };
-    let inv = args.invocation(&b.scripts.upload, &publisher, report);
+    let inv = args.invocation(&bridge.scripts.upload, &publisher, report);
     let r: Option<(String, String, String)> = conn.invoke(&inv).await?;
-    Ok(answer(hub, b, args.channel, r))
+    Ok(answer(hub, bridge, args.channel, r))
 }
 
 /// The event an upload script answered, if any.
 fn answer(
     hub: &Hub,
-    b: &Bridge,
+    bridge: &Bridge,
     channel: String,
     r: Option<(String, String, String)>,
 ) -> Option<ChannelEvent> {
@@ -119,7 +119,7 @@ fn answer(
             None
         }
         Some((seq, event, data)) => {
-            Metrics::add(&b.published, 1);
+            Metrics::add(&bridge.published, 1);
             Some(ChannelEvent {
                 channel,
                 event,
