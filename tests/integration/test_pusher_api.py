@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from test_hub import hub_up
-from test_redis import redis_servers, wait_metric  # noqa: F401 (fixture)
+from test_redis import redis_servers, start_cluster, wait_metric  # noqa: F401 (fixture)
 
 SDK_DIR = Path(__file__).resolve().parent / "pusher_sdk"
 NODE = shutil.which("node")
@@ -52,17 +52,33 @@ def test_pusher_sdk_one_host(make_stack):
     run_sdk([s.hub_port], [s])
 
 
-@pytest.mark.skipif(not os.path.exists(shutil.which("redis-server") or "/usr/bin/redis-server"),
-                    reason="redis-server not installed")
-def test_pusher_sdk_two_hosts_sharing_redis(make_stack, tmp_path, redis_servers):  # noqa: F811
-    (redis,) = redis_servers(1)
+def two_hosts(make_stack, tmp_path, redis_url):
     shared = tmp_path / "shared-storage"
     shared.mkdir()
-    ini = dict(APP, **{"upload_progress.redis_url": redis.url,
+    ini = dict(APP, **{"upload_progress.redis_url": redis_url,
                        "upload_progress.storage_dir": str(shared)})
     a = make_stack(ini=ini, suffix="-a")
     b = make_stack(ini=ini, suffix="-b")
     for s in (a, b):
         hub_up(s)
         wait_metric(s, "redis_connected", 1)
+    return a, b
+
+
+HAS_REDIS = os.path.exists(shutil.which("redis-server") or "/usr/bin/redis-server")
+
+
+@pytest.mark.skipif(not HAS_REDIS, reason="redis-server not installed")
+def test_pusher_sdk_two_hosts_sharing_redis(make_stack, tmp_path, redis_servers):  # noqa: F811
+    (redis,) = redis_servers(1)
+    a, b = two_hosts(make_stack, tmp_path, redis.url)
+    run_sdk([a.hub_port, b.hub_port], [a, b])
+
+
+@pytest.mark.skipif(not HAS_REDIS, reason="redis-server not installed")
+def test_pusher_sdk_two_hosts_redis_cluster(make_stack, tmp_path, redis_servers):  # noqa: F811
+    """The same on a 3-master Redis Cluster: occupancy keys on several slots,
+    the control channel sharded (SSUBSCRIBE/SPUBLISH)."""
+    nodes = start_cluster(redis_servers)
+    a, b = two_hosts(make_stack, tmp_path, f"{nodes[0].url}?cluster=1")
     run_sdk([a.hub_port, b.hub_port], [a, b])
