@@ -82,6 +82,8 @@ pub(crate) struct Bridge {
     check_now: AtomicBool,
     /// This hub's channel occupancy changed since it was last written.
     occupancy_dirty: AtomicBool,
+    /// Wakes the session to write the occupancy (without a reconcile).
+    occupancy_wake: Notify,
     scripts: Scripts,
     ping_every: Duration,
     timeout: Duration,
@@ -114,6 +116,7 @@ impl Bridge {
             unsynced: Mutex::new(HashSet::new()),
             check_now: AtomicBool::new(false),
             occupancy_dirty: AtomicBool::new(true),
+            occupancy_wake: Notify::new(),
             scripts: Scripts::new(),
             ping_every,
             timeout,

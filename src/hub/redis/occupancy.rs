@@ -24,7 +24,7 @@ impl Bridge {
     /// snapshot soon.
     pub fn occupancy_changed(&self) {
         self.occupancy_dirty.store(true, Ordering::SeqCst);
-        self.wake.notify_one();
+        self.occupancy_wake.notify_one();
     }
 
     fn unusable(&self) -> Result<RedisConn, String> {

@@ -19,6 +19,9 @@ use super::Bridge;
 use crate::hub::event::{is_upload_channel, ChannelEvent, TerminalKind};
 use crate::hub::{lock, log, router, Hub, Metrics};
 
+/// Least time between two writes of this hub's occupancy snapshot.
+const OCCUPANCY_GAP: Duration = Duration::from_millis(50);
+
 pub(super) async fn supervisor(
     hub: Weak<Hub>,
     bridge: Arc<Bridge>,
@@ -105,6 +108,7 @@ async fn session(
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut resync = true;
     let mut need_reconcile = true;
+    let mut last_occupancy: Option<Instant> = None;
     loop {
         // Subscriptions first, then the latest events asked for, so that nothing
         // published between the two is missed.
@@ -120,11 +124,21 @@ async fn session(
             }
             resync = false;
         }
-        if bridge.occupancy_dirty.swap(false, Ordering::SeqCst) {
-            let h = hub.upgrade()?;
-            if let Err(e) = write_occupancy(&h, bridge, &mut conn).await {
-                bridge.occupancy_dirty.store(true, Ordering::SeqCst);
-                return Some(e);
+        // At most one snapshot per OCCUPANCY_GAP under subscription churn
+        // (it lists every channel with a local subscriber).
+        let mut occupancy_due = None;
+        if bridge.occupancy_dirty.load(Ordering::SeqCst) {
+            let due = last_occupancy.map_or(Instant::now(), |t| t + OCCUPANCY_GAP);
+            if due <= Instant::now() {
+                bridge.occupancy_dirty.store(false, Ordering::SeqCst);
+                let h = hub.upgrade()?;
+                if let Err(e) = write_occupancy(&h, bridge, &mut conn).await {
+                    bridge.occupancy_dirty.store(true, Ordering::SeqCst);
+                    return Some(e);
+                }
+                last_occupancy = Some(Instant::now());
+            } else {
+                occupancy_due = Some(due);
             }
         }
         let wanted: Vec<String> = std::mem::take(&mut *lock(&bridge.want_latest));
@@ -142,8 +156,13 @@ async fn session(
                 }
             }
         }
+        let occupancy_wait = tokio::time::sleep_until(
+            occupancy_due.map_or_else(tokio::time::Instant::now, tokio::time::Instant::from_std),
+        );
         tokio::select! {
             _ = down.changed() => return None,
+            _ = occupancy_wait, if occupancy_due.is_some() => {}
+            _ = bridge.occupancy_wake.notified() => {}
             _ = bridge.wake.notified() => {
                 need_reconcile = true;
                 if bridge.check_now.swap(false, Ordering::SeqCst) {

@@ -559,13 +559,22 @@ async fn channel_queries_and_terminate_cover_every_host() {
         last,
         json!({"occupied": true, "subscription_count": 2, "user_count": 2})
     );
+    // Each hub writes its snapshot at most every 50 ms: B may see A's a moment later.
+    let users = json!({"users": [{"id": "u1"}, {"id": "u2"}]});
+    for _ in 0..100 {
+        let now = crate::hub::now_ms() / 1000;
+        let (s, body) = b
+            .http(signed_query("GET", &format!("{path}/users"), &[], now))
+            .await;
+        assert_eq!(s, 200);
+        last = serde_json::from_str(&body).unwrap();
+        if last == users {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(last, users);
     let now = crate::hub::now_ms() / 1000;
-    let (s, body) = b
-        .http(signed_query("GET", &format!("{path}/users"), &[], now))
-        .await;
-    assert_eq!(s, 200);
-    let v: Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(v, json!({"users": [{"id": "u1"}, {"id": "u2"}]}));
     let term = format!("/apps/{APP}/users/u2/terminate_connections");
     let (s, _) = a.http(signed("POST", &term, "{}", now, SECRET)).await;
     assert_eq!(s, 200);
