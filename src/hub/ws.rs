@@ -167,13 +167,16 @@ async fn finish(hub: &Hub, ws: &mut Ws, conn: &Conn, end: End) {
 }
 
 async fn serve_conn(hub: &Hub, ws: &mut Ws, conn: &Arc<Conn>, subs: &mut Vec<Box<str>>) -> End {
-    let socket_id = conn.socket_id().to_string();
-    let established = ConnectionEstablished {
-        socket_id: &socket_id,
-        activity_timeout: hub.cfg.activity_timeout,
+    // In a block: nothing of it stays in the (per-connection) future.
+    let text = {
+        let socket_id = conn.socket_id().to_string();
+        let established = ConnectionEstablished {
+            socket_id: &socket_id,
+            activity_timeout: hub.cfg.activity_timeout,
+        };
+        let data = serde_json::to_string(&established).unwrap_or_default();
+        frame("pusher:connection_established", None, &data)
     };
-    let established = serde_json::to_string(&established).unwrap_or_default();
-    let text = frame("pusher:connection_established", None, &established);
     if send(hub, ws, text).await.is_err() {
         return End::Gone;
     }
