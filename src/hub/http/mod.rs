@@ -278,9 +278,11 @@ async fn handle(hub: Arc<Hub>, mut s: TcpStream, slot: Slot) {
             .await;
         }
         (_, path) if path.starts_with("/apps/") => {
-            // Pending (evictable) until its body is in and answered.
+            // Pending (evictable) until its body is in and answered. Boxed:
+            // the API's state (Redis queries) is no part of every connection's
+            // handshake task.
             let (status, body) = tokio::select! {
-                r = api::api(&hub, &mut s, &req, deadline) => r,
+                r = Box::pin(api::api(&hub, &mut s, &req, deadline)) => r,
                 _ = slot.evicted() => {
                     Metrics::add(&hub.metrics.pending_evicted, 1);
                     return;
