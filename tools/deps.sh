@@ -45,4 +45,9 @@ if [ "$what" = test ] || [ "$what" = bench ]; then
     echo "deps: npm ci in tests/browser"
     (cd tests/browser && npm ci --silent --no-audit --no-fund)
   fi
+  # The official Pusher server SDK and pusher-js for tests/integration/test_pusher_api.py.
+  if [ -f tests/integration/pusher_sdk/package.json ] && [ ! -d tests/integration/pusher_sdk/node_modules ]; then
+    echo "deps: npm ci in tests/integration/pusher_sdk"
+    (cd tests/integration/pusher_sdk && npm ci --silent --no-audit --no-fund)
+  fi
 fi

@@ -4,15 +4,17 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
+use super::event::{ChannelEvent, Event, UploadReport};
+use super::frames::data_seq;
 use super::http::MAX_EVENT_DATA;
-use super::redis::{dispatch, Op};
-use super::state::{data_seq, refuse_published};
+use super::router::route;
+use super::uploads::refuse_published;
 use super::{lock, log, Hub, Metrics};
 use crate::protocol::ingest::{self, IngestMessage};
 use crate::protocol::pusher;
@@ -20,34 +22,24 @@ use crate::protocol::pusher;
 pub(crate) async fn accept_loop(
     hub: Arc<Hub>,
     listener: UnixListener,
-    mut down: watch::Receiver<bool>,
+    down: watch::Receiver<bool>,
 ) {
-    let mut last_log: Option<Instant> = None;
-    loop {
-        let r = tokio::select! {
-            _ = down.changed() => return,
-            r = listener.accept() => r,
-        };
-        match r {
-            Ok((s, _)) => {
-                tokio::spawn(connection(hub.clone(), s, down.clone()));
-            }
-            Err(e) => {
-                let pause = super::accept_failed("ingest accept", &e, &mut last_log);
-                tokio::select! {
-                    _ = down.changed() => return,
-                    _ = tokio::time::sleep(pause) => {}
-                }
-            }
-        }
-    }
+    let d = down.clone();
+    super::accept::accept_loop("ingest accept", listener, down, |(s, _)| {
+        tokio::spawn(connection(hub.clone(), s, d.clone()));
+        std::future::ready(())
+    })
+    .await;
 }
 
 struct Gauge<'a>(&'a Hub);
 
 impl Drop for Gauge<'_> {
     fn drop(&mut self) {
-        self.0.m.ingest_connections.fetch_sub(1, Ordering::Relaxed);
+        self.0
+            .metrics
+            .ingest_connections
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -65,16 +57,16 @@ async fn connection(hub: Arc<Hub>, mut s: UnixStream, mut down: watch::Receiver<
                 "ingest connection from uid {} refused (the hub runs as uid {euid})",
                 c.uid()
             ));
-            Metrics::add(&hub.m.ingest_errors, 1);
+            Metrics::add(&hub.metrics.ingest_errors, 1);
             return;
         }
         Err(e) => {
             REFUSED_LOG.log(format_args!("ingest connection without credentials: {e}"));
-            Metrics::add(&hub.m.ingest_errors, 1);
+            Metrics::add(&hub.metrics.ingest_errors, 1);
             return;
         }
     }
-    Metrics::add(&hub.m.ingest_connections, 1);
+    Metrics::add(&hub.metrics.ingest_connections, 1);
     let _gauge = Gauge(&hub);
     let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
     let mut reply: Vec<u8> = Vec::new();
@@ -88,7 +80,7 @@ async fn connection(hub: Arc<Hub>, mut s: UnixStream, mut down: watch::Receiver<
                         Ok(msg) => handle(&hub, msg, &mut reply).await,
                         Err(e) => {
                             BAD_FRAME_LOG.log(format_args!("ingest connection closed: {e}"));
-                            Metrics::add(&hub.m.ingest_errors, 1);
+                            Metrics::add(&hub.metrics.ingest_errors, 1);
                             return;
                         }
                     }
@@ -97,7 +89,7 @@ async fn connection(hub: Arc<Hub>, mut s: UnixStream, mut down: watch::Receiver<
                 Ok(None) => break,
                 Err(e) => {
                     BAD_FRAME_LOG.log(format_args!("ingest connection closed: {e}"));
-                    Metrics::add(&hub.m.ingest_errors, 1);
+                    Metrics::add(&hub.metrics.ingest_errors, 1);
                     return;
                 }
             }
@@ -133,7 +125,7 @@ async fn connection(hub: Arc<Hub>, mut s: UnixStream, mut down: watch::Receiver<
 async fn handle(hub: &Hub, msg: IngestMessage, reply: &mut Vec<u8>) {
     match msg {
         IngestMessage::Hello { version, dropped } => {
-            Metrics::add(&hub.m.events_dropped, dropped);
+            Metrics::add(&hub.metrics.events_dropped, dropped);
             // Only a newer extension takes over: while old and new workers
             // overlap (rolling reload), an older one must not restart the hub.
             if version_newer(&version, &hub.version) {
@@ -153,51 +145,54 @@ async fn handle(hub: &Hub, msg: IngestMessage, reply: &mut Vec<u8>) {
                 || pusher::validate_event(&event).is_err()
                 || data.len() > MAX_EVENT_DATA
             {
-                Metrics::add(&hub.m.events_in, 1);
-                Metrics::add(&hub.m.events_dropped, 1);
+                Metrics::add(&hub.metrics.events_in, 1);
+                Metrics::add(&hub.metrics.events_dropped, 1);
                 return;
             }
             if refuse_published(&channel, &event, &data).is_some() {
-                Metrics::add(&hub.m.events_in, 1);
-                Metrics::add(&hub.m.events_dropped, 1);
-                Metrics::add(&hub.m.published_refused, 1);
+                Metrics::add(&hub.metrics.events_in, 1);
+                Metrics::add(&hub.metrics.events_dropped, 1);
+                Metrics::add(&hub.metrics.published_refused, 1);
                 return;
             }
             // A seq in published data orders nothing: it is the upload's own
             // (a publish() with "seq" => 1e300 silenced a channel).
-            dispatch(
+            route(
                 hub,
-                Op::Event {
+                Event::Channel(ChannelEvent {
                     channel,
                     event,
                     data,
                     seq: None,
                     exclude: None,
-                },
+                }),
             );
         }
         IngestMessage::TaggedRequest(inner) => {
-            let Some(op) = body_op(*inner) else { return };
-            let id = op_upload_id(&op);
-            if hub.is_upload(id) {
+            let Ok(report) = UploadReport::try_from(*inner) else {
+                return;
+            };
+            if hub.is_upload(report.upload_id()) {
                 // A plain request tagged with the id of an Upload (anyone
                 // can send one): it never speaks on that Upload's channel.
-                Metrics::add(&hub.m.events_in, 1);
-                Metrics::add(&hub.m.events_dropped, 1);
-                Metrics::add(&hub.m.tagged_refused, 1);
+                Metrics::add(&hub.metrics.events_in, 1);
+                Metrics::add(&hub.metrics.events_dropped, 1);
+                Metrics::add(&hub.metrics.tagged_refused, 1);
                 return;
             }
-            dispatch(hub, Op::Tagged(Box::new(op)));
+            route(hub, Event::Tagged(report));
         }
         m @ (IngestMessage::Progress(_)
         | IngestMessage::StreamEnd { .. }
         | IngestMessage::Terminal { .. }) => {
-            let Some(op) = body_op(m) else { return };
-            hub.note_upload(op_upload_id(&op));
-            dispatch(hub, op);
+            let Ok(report) = UploadReport::try_from(m) else {
+                return;
+            };
+            hub.note_upload(report.upload_id());
+            route(hub, Event::Upload(report));
         }
         IngestMessage::QueryProgress { upload_id } => {
-            let mut data = lock(&hub.state).latest_upload_data(&upload_id);
+            let mut data = lock(&hub.state).channels.latest_upload_data(&upload_id);
             if let Some(b) = &hub.redis {
                 // Other hosts may know newer events (this hub sees them only
                 // while it has subscribers): the higher seq wins.
@@ -216,68 +211,15 @@ async fn handle(hub: &Hub, msg: IngestMessage, reply: &mut Vec<u8>) {
     }
 }
 
-/// The hub operation of a body report (Progress, StreamEnd, Terminal).
-fn body_op(m: IngestMessage) -> Option<Op> {
-    Some(match m {
-        IngestMessage::Progress(r) => Op::Progress(r),
-        IngestMessage::StreamEnd {
-            upload_id,
-            stream,
-            outcome,
-            stored_bytes,
-            chunks_done,
-        } => Op::StreamEnd {
-            upload_id,
-            stream,
-            outcome,
-            stored_bytes,
-            chunks_done,
-        },
-        IngestMessage::Terminal {
-            upload_id,
-            event,
-            fields,
-        } => Op::Terminal {
-            upload_id,
-            event,
-            fields,
-        },
-        _ => return None,
-    })
-}
-
-fn op_upload_id(op: &Op) -> &str {
-    match op {
-        Op::Progress(r) => &r.upload_id,
-        Op::StreamEnd { upload_id, .. } | Op::Terminal { upload_id, .. } => upload_id,
-        Op::Event { channel, .. } => channel,
-        Op::Tagged(inner) => op_upload_id(inner),
-    }
-}
-
-/// True when semver `a` is newer than `b` (pre-release tags sort before the release).
+/// True when semver `a` is newer than `b` (pre-release tags sort before the
+/// release, `rc.10` after `rc.9`); a version that does not parse never takes over.
 fn version_newer(a: &str, b: &str) -> bool {
-    fn parse(v: &str) -> (Vec<u64>, Option<&str>) {
-        let (core, pre) = match v.split_once('-') {
-            Some((c, p)) => (c, Some(p)),
-            None => (v, None),
-        };
-        let core = core.split('+').next().unwrap_or(core);
-        (
-            core.split('.').map(|n| n.parse().unwrap_or(0)).collect(),
-            pre,
-        )
-    }
-    let (ca, pa) = parse(a.trim());
-    let (cb, pb) = parse(b.trim());
-    match ca.cmp(&cb) {
-        std::cmp::Ordering::Greater => true,
-        std::cmp::Ordering::Less => false,
-        std::cmp::Ordering::Equal => match (pa, pb) {
-            (None, Some(_)) => true,
-            (Some(x), Some(y)) => x > y,
-            _ => false,
-        },
+    match (
+        semver::Version::parse(a.trim()),
+        semver::Version::parse(b.trim()),
+    ) {
+        (Ok(a), Ok(b)) => a.cmp_precedence(&b) == std::cmp::Ordering::Greater,
+        _ => false,
     }
 }
 
@@ -293,5 +235,9 @@ mod version_tests {
         assert!(!version_newer("0.1.0", "0.1.0"));
         assert!(!version_newer("0.1.0", "0.2.0"));
         assert!(!version_newer("1.0.0-rc.1", "1.0.0"));
+        // Before: pre-release tags were compared as strings.
+        assert!(version_newer("1.0.0-rc.10", "1.0.0-rc.9"));
+        assert!(!version_newer("1.0.0-rc.9", "1.0.0-rc.10"));
+        assert!(!version_newer("garbage", "1.0.0"));
     }
 }

@@ -15,8 +15,11 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 
-use super::state::{frame, frame_obj, Conn, Ctx, Pop};
-use super::{lock, Hub};
+use super::conn::{Conn, Pop};
+pub(crate) use super::frames::error_frame;
+use super::frames::{frame, subscription_error};
+use super::{lock, router, Hub};
+use crate::protocol::frames::ConnectionEstablished;
 use crate::protocol::pusher;
 
 pub(crate) type Ws = WebSocketStream<TcpStream>;
@@ -38,27 +41,16 @@ pub(crate) fn ws_config() -> WebSocketConfig {
         .max_frame_size(Some(MAX_CLIENT_MESSAGE))
 }
 
-/// A `pusher:error` frame.
-pub(crate) fn error_frame(code: u16, message: &str) -> Utf8Bytes {
-    let data = serde_json::json!({ "code": code, "message": message });
-    Utf8Bytes::from(frame_obj("pusher:error", None, &data))
-}
-
-fn subscription_error(channel: &str, kind: &str, error: &str, status: u16) -> Utf8Bytes {
-    let data = serde_json::json!({ "type": kind, "error": error, "status": status });
-    Utf8Bytes::from(frame_obj("pusher:subscription_error", Some(channel), &data))
-}
-
 /// Registers a new connection; None when `max_connections` is reached.
 pub(crate) fn register(hub: &Hub) -> Option<Arc<Conn>> {
     let max = hub.limits.budget.websockets;
     let n = hub
-        .m
+        .metrics
         .connections
         .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
         + 1;
     if max > 0 && n > max {
-        hub.m
+        hub.metrics
             .connections
             .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         return None;
@@ -74,14 +66,14 @@ pub(crate) fn register(hub: &Hub) -> Option<Arc<Conn>> {
 
 fn unregister(hub: &Hub, conn: &Conn) {
     if lock(&hub.conns).remove(&conn.id).is_some() {
-        hub.m
+        hub.metrics
             .connections
             .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
 async fn send(hub: &Hub, ws: &mut Ws, text: Utf8Bytes) -> Result<(), ()> {
-    match tokio::time::timeout(hub.tun.write_timeout, ws.send(Message::Text(text))).await {
+    match tokio::time::timeout(hub.tunables.write_timeout, ws.send(Message::Text(text))).await {
         Ok(Ok(())) => Ok(()),
         _ => Err(()),
     }
@@ -134,21 +126,14 @@ pub(crate) async fn session(hub: Arc<Hub>, mut ws: Ws, conn: Arc<Conn>) {
     let end = serve_conn(&hub, &mut ws, &conn, &mut subs).await;
     // Unsubscribe first, so that fan-out stops reaching this connection at once.
     {
-        let ctx = Ctx {
-            m: &hub.m,
-            cap: hub.tun.queue_cap,
-        };
-        let mut st = lock(&hub.state);
+        let ctx = hub.ctx();
+        let mut state = lock(&hub.state);
         let mut emptied = false;
         for ch in &subs {
-            emptied |= st.unsubscribe(&ctx, &conn, ch);
+            emptied |= state.channels.unsubscribe(&ctx, &conn, ch);
         }
-        drop(st);
-        if emptied {
-            if let Some(b) = &hub.redis {
-                b.subscriptions_changed();
-            }
-        }
+        drop(state);
+        router::unsubscribed(&hub, emptied);
     }
     drop(subs);
     // Boxed: the closing steps are rare, so their state is not part of every
@@ -182,17 +167,21 @@ async fn finish(hub: &Hub, ws: &mut Ws, conn: &Conn, end: End) {
 }
 
 async fn serve_conn(hub: &Hub, ws: &mut Ws, conn: &Arc<Conn>, subs: &mut Vec<Box<str>>) -> End {
-    let established = format!(
-        "{{\"socket_id\":\"{}\",\"activity_timeout\":{}}}",
-        conn.socket_id(),
-        hub.cfg.activity_timeout
-    );
-    let text = Utf8Bytes::from(frame("pusher:connection_established", None, &established));
+    // In a block: nothing of it stays in the (per-connection) future.
+    let text = {
+        let socket_id = conn.socket_id().to_string();
+        let established = ConnectionEstablished {
+            socket_id: &socket_id,
+            activity_timeout: hub.cfg.activity_timeout,
+        };
+        let data = serde_json::to_string(&established).unwrap_or_default();
+        frame("pusher:connection_established", None, &data)
+    };
     if send(hub, ws, text).await.is_err() {
         return End::Gone;
     }
     let activity = Duration::from_secs(hub.cfg.activity_timeout.clamp(1, 86_400));
-    let pong_timeout = hub.tun.pong_timeout;
+    let pong_timeout = hub.tunables.pong_timeout;
     let mut last_rx = Instant::now();
     let mut ping_sent: Option<Instant> = None;
     let sleep = tokio::time::sleep(activity);
@@ -238,7 +227,7 @@ async fn serve_conn(hub: &Hub, ws: &mut Ws, conn: &Arc<Conn>, subs: &mut Vec<Box
                     Message::Binary(_) => vec![error_frame(4000, "Binary messages are not supported")],
                     Message::Ping(_) => {
                         // tungstenite queued the pong: write it now.
-                        if tokio::time::timeout(hub.tun.write_timeout, ws.flush()).await.is_err() {
+                        if tokio::time::timeout(hub.tunables.write_timeout, ws.flush()).await.is_err() {
                             return End::Gone;
                         }
                         Vec::new()
@@ -309,16 +298,8 @@ fn handle_text(
             if let Some(ch) = data.get("channel").and_then(|c| c.as_str()) {
                 if let Some(i) = subs.iter().position(|s| &**s == ch) {
                     subs.swap_remove(i);
-                    let ctx = Ctx {
-                        m: &hub.m,
-                        cap: hub.tun.queue_cap,
-                    };
-                    let emptied = lock(&hub.state).unsubscribe(&ctx, conn, ch);
-                    if emptied {
-                        if let Some(b) = &hub.redis {
-                            b.subscriptions_changed();
-                        }
-                    }
+                    let emptied = lock(&hub.state).channels.unsubscribe(&hub.ctx(), conn, ch);
+                    router::unsubscribed(hub, emptied);
                 }
             }
             Vec::new()
@@ -368,7 +349,7 @@ fn subscribe(
         if let Err(e) = pusher::verify_channel_auth(
             &hub.cfg.app_key,
             &hub.cfg.app_secret,
-            &conn.socket_id(),
+            &conn.socket_id().to_string(),
             channel,
             channel_data,
             auth,
@@ -383,36 +364,25 @@ fn subscribe(
                 };
                 let info = serde_json::from_str::<serde_json::Value>(cd)
                     .ok()
-                    .and_then(|v| v.get("user_info").map(|i| i.to_string()))
-                    .unwrap_or_else(|| "null".into());
+                    .and_then(|mut v| v.get_mut("user_info").map(serde_json::Value::take))
+                    .unwrap_or(serde_json::Value::Null);
                 member = Some((user_id, info));
             }
         }
     }
-    let ctx = Ctx {
-        m: &hub.m,
-        cap: hub.tun.queue_cap,
-    };
-    let sub = lock(&hub.state).subscribe(&ctx, conn, channel, member);
+    let sub = lock(&hub.state)
+        .channels
+        .subscribe(&hub.ctx(), conn, channel, member);
     if !already {
         subs.push(channel.into());
     }
-    if let Some(b) = &hub.redis {
-        if sub.first {
-            b.subscriptions_changed();
-        }
-        if sub.replay.is_none() {
-            // Another host may have the latest event: it is replayed through
-            // the connection's queue, after subscription_succeeded.
-            b.request_latest(channel);
-        }
-    }
+    router::subscribed(hub, channel, &sub);
     let mut out = Vec::with_capacity(2);
-    out.push(Utf8Bytes::from(frame(
+    out.push(frame(
         "pusher_internal:subscription_succeeded",
         Some(channel),
         &sub.data,
-    )));
+    ));
     if let Some(latest) = sub.replay {
         out.push(latest);
     }

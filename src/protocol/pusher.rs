@@ -178,14 +178,11 @@ pub fn channel_auth(
 ) -> Result<String, String> {
     check_auth_inputs(socket_id, channel, channel_data)?;
     let sig = sign(secret, &auth_payload(socket_id, channel, channel_data));
-    let auth = serde_json::Value::String(format!("{key}:{sig}"));
-    Ok(match channel_data {
-        Some(d) => format!(
-            "{{\"auth\":{auth},\"channel_data\":{}}}",
-            serde_json::Value::String(d.to_owned())
-        ),
-        None => format!("{{\"auth\":{auth}}}"),
-    })
+    let body = crate::protocol::api::ChannelAuth {
+        auth: &format!("{key}:{sig}"),
+        channel_data,
+    };
+    serde_json::to_string(&body).map_err(|e| e.to_string())
 }
 
 /// Checks the `auth` field of a `pusher:subscribe` (`"<key>:<hex hmac>"`) in constant time.

@@ -466,6 +466,13 @@ async fn tagged_requests_are_refused_for_uploads_of_any_host() {
     let d = data_of(&m);
     assert_eq!(d["bytes_done"], 200);
     assert!(d["seq"].as_u64().unwrap() > first);
+    // B's reports run in B's own queue: not ordered with A's events.
+    for _ in 0..100 {
+        if b.metric("tagged_refused_total").await == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(b.metric("tagged_refused_total").await, 2);
     // A new subscriber on A replays the real latest event from Redis.
     let (mut wa, sid_a) = a.ws().await;
@@ -511,6 +518,68 @@ async fn tagged_requests_are_refused_for_uploads_of_any_host() {
     )
     .await;
     assert_eq!(p, "");
+    a.stop().await;
+    b.stop().await;
+}
+
+/// The channel queries of either hub count the subscribers and presence
+/// members of both; terminate_connections asked of one closes the user's
+/// connections on the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_queries_and_terminate_cover_every_host() {
+    let Some(redis) = RedisServer::start(free_port()).await else {
+        eprintln!("redis-server not installed: skipped");
+        return;
+    };
+    let a = bridged(&redis.url()).await;
+    let b = bridged(&redis.url()).await;
+    let (mut wa, sid_a) = a.ws().await;
+    let (mut wb, sid_b) = b.ws().await;
+    join_presence(&mut wa, &sid_a, "presence-x", "u1").await;
+    join_presence(&mut wb, &sid_b, "presence-x", "u2").await;
+    let path = format!("/apps/{APP}/channels/presence-x");
+    let mut last = Value::Null;
+    for _ in 0..100 {
+        let now = crate::hub::now_ms() / 1000;
+        let req = signed_query(
+            "GET",
+            &path,
+            &[("info", "subscription_count,user_count")],
+            now,
+        );
+        let (s, body) = a.http(req).await;
+        assert_eq!(s, 200, "{body}");
+        last = serde_json::from_str(&body).unwrap();
+        if last["user_count"] == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        last,
+        json!({"occupied": true, "subscription_count": 2, "user_count": 2})
+    );
+    // Each hub writes its snapshot at most every 50 ms: B may see A's a moment later.
+    let users = json!({"users": [{"id": "u1"}, {"id": "u2"}]});
+    for _ in 0..100 {
+        let now = crate::hub::now_ms() / 1000;
+        let (s, body) = b
+            .http(signed_query("GET", &format!("{path}/users"), &[], now))
+            .await;
+        assert_eq!(s, 200);
+        last = serde_json::from_str(&body).unwrap();
+        if last == users {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(last, users);
+    let now = crate::hub::now_ms() / 1000;
+    let term = format!("/apps/{APP}/users/u2/terminate_connections");
+    let (s, _) = a.http(signed("POST", &term, "{}", now, SECRET)).await;
+    assert_eq!(s, 200);
+    assert_eq!(close_code(&mut wb).await, Some(4009));
+    assert_alive(&mut wa).await;
     a.stop().await;
     b.stop().await;
 }
