@@ -54,7 +54,7 @@ def test_pusher_sdk_one_host(make_stack):
 
 def two_hosts(make_stack, tmp_path, redis_url):
     shared = tmp_path / "shared-storage"
-    shared.mkdir()
+    shared.mkdir(mode=0o700)  # the storage root must be ours and closed to others
     ini = dict(APP, **{"upload_progress.redis_url": redis_url,
                        "upload_progress.storage_dir": str(shared)})
     a = make_stack(ini=ini, suffix="-a")
