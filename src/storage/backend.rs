@@ -30,6 +30,17 @@ pub(crate) enum AbortOutcome {
     WasExpired,
 }
 
+/// A chunk whose bytes are durable, to be marked stored, and the time of the mark.
+pub(crate) struct Mark {
+    pub index: u64,
+    pub sha256: Option<String>,
+    pub now: u64,
+    pub expires_at: u64,
+}
+
+/// Syncs the directory and the root of a new upload (see [`StateBackend::create`]).
+pub(crate) type MakeDurable<'a> = &'a mut dyn FnMut() -> Result<(), StorageError>;
+
 /// The state changes of an upload. `now` and `expires_at` are Unix seconds (`expires_at`
 /// 0 = never); a change that touches the upload sets `touched_at = now` and `expires_at`.
 pub(crate) trait StateBackend: std::fmt::Debug + Send + Sync {
@@ -43,32 +54,22 @@ pub(crate) trait StateBackend: std::fmt::Debug + Send + Sync {
         &self,
         dir: &Dir,
         m: &Manifest,
-        make_durable: &mut dyn FnMut() -> Result<(), StorageError>,
+        make_durable: MakeDurable,
     ) -> Result<(), StorageError>;
 
-    /// Marks chunk `index` stored (its bytes are durable) when the upload is live; the
-    /// state after it, `None` when the upload is gone. `lock` is the upload's lock file
-    /// (it knows the id); the chunk lock is held.
+    /// Marks a chunk stored when the upload is live; the state after it, `None` when the
+    /// upload is gone. `lock` is the upload's lock file (it knows the id); the chunk lock
+    /// is held.
     fn mark(
         &self,
         dir: &Dir,
         lock: &LockFile,
-        index: u64,
-        sha256: Option<String>,
-        now: u64,
-        expires_at: u64,
+        mark: Mark,
     ) -> Result<Option<Manifest>, StorageError>;
 
-    /// Records completion of `m` (every chunk stored, the data file renamed to `path`).
-    /// Called under the manifest lock.
-    fn complete(
-        &self,
-        dir: &Dir,
-        m: Manifest,
-        path: String,
-        now: u64,
-        expires_at: u64,
-    ) -> Result<Completed, StorageError>;
+    /// Records completion: `done` is the upload's state after it (every chunk stored,
+    /// `complete`, the final path, touched). Called under the manifest lock.
+    fn complete(&self, dir: &Dir, done: Manifest) -> Result<Completed, StorageError>;
 
     /// Marks the upload aborted (its directory is removed next). Called under the
     /// manifest lock.
@@ -96,7 +97,7 @@ impl StateBackend for ManifestFiles {
         &self,
         dir: &Dir,
         m: &Manifest,
-        make_durable: &mut dyn FnMut() -> Result<(), StorageError>,
+        make_durable: MakeDurable,
     ) -> Result<(), StorageError> {
         manifest::store(dir, m)?;
         make_durable()
@@ -106,37 +107,23 @@ impl StateBackend for ManifestFiles {
         &self,
         dir: &Dir,
         lock: &LockFile,
-        index: u64,
-        sha256: Option<String>,
-        now: u64,
-        expires_at: u64,
+        mark: Mark,
     ) -> Result<Option<Manifest>, StorageError> {
         let _manifest_lock = lock.manifest()?;
         let mut m = match manifest::load(dir, lock.id())? {
-            Some(m) if m.state != UploadState::Aborted && !m.is_expired(now) => m,
+            Some(m) if m.state != UploadState::Aborted && !m.is_expired(mark.now) => m,
             _ => return Ok(None),
         };
-        m.mark_stored(index, sha256);
-        m.touched_at = now;
-        m.expires_at = expires_at;
+        m.mark_stored(mark.index, mark.sha256);
+        m.touched_at = mark.now;
+        m.expires_at = mark.expires_at;
         manifest::store(dir, &m)?;
         Ok(Some(m))
     }
 
-    fn complete(
-        &self,
-        dir: &Dir,
-        mut m: Manifest,
-        path: String,
-        now: u64,
-        expires_at: u64,
-    ) -> Result<Completed, StorageError> {
-        m.state = UploadState::Complete;
-        m.path = Some(path);
-        m.touched_at = now;
-        m.expires_at = expires_at;
-        manifest::store(dir, &m)?;
-        Ok(Completed::Done(m))
+    fn complete(&self, dir: &Dir, done: Manifest) -> Result<Completed, StorageError> {
+        manifest::store(dir, &done)?;
+        Ok(Completed::Done(done))
     }
 
     fn abort(&self, dir: &Dir, id: &str, now: u64) -> Result<AbortOutcome, StorageError> {

@@ -26,7 +26,7 @@ impl Store {
         let dir = layout::upload_dir(&root, id)?;
         let lock = LockFile::open(&dir, id, self.waits)?;
         let _manifest_lock = lock.manifest()?;
-        let m = self.load_live(&root, id)?;
+        let mut m = self.load_live(&root, id)?;
         if m.state == UploadState::Complete {
             return Ok(self.status_of(&m));
         }
@@ -72,12 +72,12 @@ impl Store {
             dir.sync()
                 .map_err(|e| io_error("syncing", dir.path(), &e))?;
         }
-        let path = dir.path().join(DATA).to_string_lossy().into_owned();
         let now = self.now();
-        match self
-            .backend
-            .complete(&dir, m, path, now, self.expiry_from(now))?
-        {
+        m.state = UploadState::Complete;
+        m.path = Some(dir.path().join(DATA).to_string_lossy().into_owned());
+        m.touched_at = now;
+        m.expires_at = self.expiry_from(now);
+        match self.backend.complete(&dir, m)? {
             Completed::Done(m) => Ok(self.status_of(&m)),
             Completed::Missing(m) => Err(missing_chunks(id, &m)),
             Completed::Gone => Err(StorageError::NotFound(id.to_string())),

@@ -20,7 +20,7 @@
 //! blocking client of the `redis` crate with short timeouts). Any failure drops
 //! it, maps to [`StorageError::Unavailable`], and the next call connects again.
 
-use super::backend::{AbortOutcome, Completed, StateBackend};
+use super::backend::{AbortOutcome, Completed, MakeDurable, Mark, StateBackend};
 use super::error::StorageError;
 use super::locks::LockFile;
 use super::manifest::{Manifest, UploadState};
@@ -221,7 +221,7 @@ impl StateBackend for RedisState {
         &self,
         _dir: &Dir,
         m: &Manifest,
-        make_durable: &mut dyn FnMut() -> Result<(), StorageError>,
+        make_durable: MakeDurable,
     ) -> Result<(), StorageError> {
         make_durable()?;
         let mut args = vec![
@@ -241,18 +241,15 @@ impl StateBackend for RedisState {
         &self,
         _dir: &Dir,
         lock: &LockFile,
-        index: u64,
-        sha256: Option<String>,
-        now: u64,
-        expires_at: u64,
+        mark: Mark,
     ) -> Result<Option<Manifest>, StorageError> {
         let id = lock.id();
         let args = [
-            now.to_string(),
-            index.to_string(),
-            sha256.unwrap_or_default(),
-            expires_at.to_string(),
-            key_expire_ms(expires_at).to_string(),
+            mark.now.to_string(),
+            mark.index.to_string(),
+            mark.sha256.unwrap_or_default(),
+            mark.expires_at.to_string(),
+            key_expire_ms(mark.expires_at).to_string(),
         ];
         let v = self.run(id, "marking a chunk of", &self.scripts.mark, &args)?;
         Ok(self.snapshot(id, v)?.1)
@@ -260,19 +257,12 @@ impl StateBackend for RedisState {
 
     /// Records completion; `Missing` when Redis misses marks the caller saw (lost by a
     /// Redis restart without persistence).
-    fn complete(
-        &self,
-        _dir: &Dir,
-        m: Manifest,
-        path: String,
-        now: u64,
-        expires_at: u64,
-    ) -> Result<Completed, StorageError> {
+    fn complete(&self, _dir: &Dir, m: Manifest) -> Result<Completed, StorageError> {
         let args = [
-            now.to_string(),
-            path,
-            expires_at.to_string(),
-            key_expire_ms(expires_at).to_string(),
+            m.touched_at.to_string(),
+            m.path.clone().unwrap_or_default(),
+            m.expires_at.to_string(),
+            key_expire_ms(m.expires_at).to_string(),
             m.chunk_count.to_string(),
         ];
         let v = self.run(&m.id, "completing", &self.scripts.complete, &args)?;

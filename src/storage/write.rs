@@ -3,6 +3,7 @@
 //! `O_DIRECT`), the length and checksum checks, `fdatasync`, then the mark in the state
 //! backend. A chunk that fails gives its range back (hole punched).
 
+use super::backend::Mark;
 use super::complete::sha256_context;
 use super::error::{io_error, StorageError};
 use super::inflight::InFlight;
@@ -180,16 +181,15 @@ impl Store {
         drop(file);
 
         let now = self.now();
+        let mark = Mark {
+            index,
+            sha256: streamed.sha256,
+            now,
+            expires_at: self.expiry_from(now),
+        };
         let m = self
             .backend
-            .mark(
-                &dir,
-                &lock,
-                index,
-                streamed.sha256,
-                now,
-                self.expiry_from(now),
-            )?
+            .mark(&dir, &lock, mark)?
             .ok_or_else(|| StorageError::NotFound(id.to_string()))?;
         Ok(ChunkOutcome {
             status: self.status_of(&m),
