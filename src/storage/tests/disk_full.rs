@@ -92,25 +92,14 @@ fn failed_chunks_keep_no_reservation() {
     let data = store.root().join(&st.id).join("data.part");
     let short = vec![7u8; 1271];
     // Length unknown (or shorter than the chunk): nothing reserved.
-    let e = store
-        .write_chunk_sized(&st.id, 0, &mut Cursor::new(&short), None, None, &mut |_| {})
-        .unwrap_err();
+    let e = put_sized(&store, &st.id, 0, &short, None).unwrap_err();
     assert!(matches!(e, StorageError::InvalidChunk(_)), "{e:?}");
     assert!(
         allocated(&data) < MIB,
         "{} bytes allocated",
         allocated(&data)
     );
-    let e = store
-        .write_chunk_sized(
-            &st.id,
-            0,
-            &mut Cursor::new(&short),
-            Some(1271),
-            None,
-            &mut |_| {},
-        )
-        .unwrap_err();
+    let e = put_sized(&store, &st.id, 0, &short, Some(1271)).unwrap_err();
     assert!(matches!(e, StorageError::InvalidChunk(_)), "{e:?}");
     assert!(
         allocated(&data) < MIB,
@@ -118,16 +107,7 @@ fn failed_chunks_keep_no_reservation() {
         allocated(&data)
     );
     // Announced in full, then the body ends early (client gone): the range is given back.
-    let e = store
-        .write_chunk_sized(
-            &st.id,
-            1,
-            &mut Cursor::new(&short),
-            Some(chunk),
-            None,
-            &mut |_| {},
-        )
-        .unwrap_err();
+    let e = put_sized(&store, &st.id, 1, &short, Some(chunk)).unwrap_err();
     assert!(matches!(e, StorageError::InvalidChunk(_)), "{e:?}");
     assert!(
         allocated(&data) < MIB,
@@ -136,16 +116,7 @@ fn failed_chunks_keep_no_reservation() {
     );
     // A good chunk announced in full is reserved and stays.
     let body = data_bytes(chunk as usize, 3);
-    store
-        .write_chunk_sized(
-            &st.id,
-            1,
-            &mut Cursor::new(&body),
-            Some(chunk),
-            None,
-            &mut |_| {},
-        )
-        .unwrap();
+    put_sized(&store, &st.id, 1, &body, Some(chunk)).unwrap();
     assert!(allocated(&data) >= chunk);
     assert!(!store.status(&st.id).unwrap().missing.contains(&1));
 }

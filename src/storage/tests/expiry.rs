@@ -44,12 +44,7 @@ fn abort_during_a_chunk_write_makes_the_writer_fail() {
     let writer = {
         let (store, id) = (store.clone(), st.id.clone());
         thread::spawn(move || {
-            let mut r = Gated {
-                data: src,
-                pos: 0,
-                started: Some(started_tx),
-                go: go_rx,
-            };
+            let mut r = Gated::new(src, started_tx, go_rx);
             store.write_chunk(&id, 0, &mut r, None, &mut |_| {})
         })
     };

@@ -55,12 +55,7 @@ fn same_chunk_twice_at_once_second_waits_and_sees_it_stored() {
     let first = {
         let (store, id, src) = (store.clone(), st.id.clone(), src.clone());
         thread::spawn(move || {
-            let mut r = Gated {
-                data: src,
-                pos: 0,
-                started: Some(started_tx),
-                go: go_rx,
-            };
+            let mut r = Gated::new(src, started_tx, go_rx);
             store
                 .write_chunk(&id, 1, &mut r, None, &mut |_| {})
                 .unwrap()
@@ -304,16 +299,7 @@ fn a_write_abandoned_by_a_bailout_releases_lock_and_reservation() {
     // The chunk lock is free again: the resend is stored at once, no conflict.
     let body = data_bytes(chunk as usize, 4);
     let t = Instant::now();
-    store
-        .write_chunk_sized(
-            &st.id,
-            0,
-            &mut Cursor::new(&body),
-            Some(chunk),
-            None,
-            &mut |_| {},
-        )
-        .unwrap();
+    put_sized(&store, &st.id, 0, &body, Some(chunk)).unwrap();
     assert!(t.elapsed() < Duration::from_millis(300));
     assert_eq!(inflight::count(), 0);
 }

@@ -86,6 +86,24 @@ fn put(store: &Store, id: &str, index: u64, bytes: &[u8]) -> Result<ChunkOutcome
     store.write_chunk(id, index, &mut Cursor::new(bytes), None, &mut |_| {})
 }
 
+/// A chunk from a source announcing `announced` bytes (a request's Content-Length).
+fn put_sized(
+    store: &Store,
+    id: &str,
+    index: u64,
+    bytes: &[u8],
+    announced: Option<u64>,
+) -> Result<ChunkOutcome, StorageError> {
+    store.write_chunk_sized(
+        id,
+        index,
+        &mut Cursor::new(bytes),
+        announced,
+        None,
+        &mut |_| {},
+    )
+}
+
 fn put_checked(
     store: &Store,
     id: &str,
@@ -149,6 +167,16 @@ struct Gated {
     pos: usize,
     started: Option<mpsc::Sender<()>>,
     go: mpsc::Receiver<()>,
+}
+impl Gated {
+    fn new(data: Vec<u8>, started: mpsc::Sender<()>, go: mpsc::Receiver<()>) -> Gated {
+        Gated {
+            data,
+            pos: 0,
+            started: Some(started),
+            go,
+        }
+    }
 }
 impl Read for Gated {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
