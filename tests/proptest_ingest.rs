@@ -4,23 +4,14 @@
 //!
 //! Bounded: `PROPTEST_CASES` (default 2000 here) cases per property, well under 10 s.
 
+mod common;
+
+use common::config;
 use proptest::prelude::*;
 use upload_progress::protocol::ingest::{
     decode, encode, encode_publish, encode_raw, frame_len, DecodeError, IngestMessage,
     ProgressReport, StreamOutcome, MAX_FRAME,
 };
-
-fn config() -> ProptestConfig {
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2000);
-    ProptestConfig {
-        cases,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
-}
 
 fn text() -> impl Strategy<Value = String> {
     prop_oneof![
@@ -132,7 +123,7 @@ fn drain(buf: &[u8]) -> Result<Vec<IngestMessage>, DecodeError> {
 }
 
 proptest! {
-    #![proptest_config(config())]
+    #![proptest_config(config(1))]
 
     /// Arbitrary bytes, as a frame body or as a stream: errors, never panics.
     #[test]

@@ -9,6 +9,9 @@
 //!
 //! Bounded: `PROPTEST_CASES` (default 2000 here, shared by the properties below).
 
+mod common;
+
+use common::config;
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
@@ -19,18 +22,6 @@ use upload_progress::storage::{
     StorageError, Store, StoreOptions, UploadState, UploadStatus, MAX_CHUNK_COUNT, MAX_CHUNK_SIZE,
     MAX_METADATA_KEYS, MAX_METADATA_KEY_BYTES, MAX_METADATA_VALUE_BYTES,
 };
-
-fn config(share: u32) -> ProptestConfig {
-    let cases: u32 = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2000);
-    ProptestConfig {
-        cases: (cases / share).max(1),
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
-}
 
 /// A scratch directory, on tmpfs when there is one: every case creates an upload, and
 /// create() fsyncs.

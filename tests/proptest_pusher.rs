@@ -11,6 +11,9 @@
 //!
 //! Bounded: `PROPTEST_CASES` (default 2000 here; the hub property runs an eighth).
 
+mod common;
+
+use common::config;
 use std::net::{TcpListener, TcpStream};
 use std::os::linux::net::SocketAddrExt;
 use std::sync::OnceLock;
@@ -25,18 +28,6 @@ use upload_progress::protocol::pusher;
 
 const KEY: &str = "prop-key";
 const SECRET: &str = "prop-secret";
-
-fn config(share: u32) -> ProptestConfig {
-    let cases: u32 = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2000);
-    ProptestConfig {
-        cases: (cases / share).max(1),
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
-}
 
 /// Port of the in-process hub, started once.
 fn hub_port() -> u16 {

@@ -3,7 +3,9 @@
 //! replaced by an atomic rename, so a reader sees the old or the new version, never a mix);
 //! written under the manifest lock with write-temp + fdatasync + rename.
 
-use super::error::{io_error, StorageError};
+use super::error::{io_error, shorten, StorageError};
+use super::layout::{is_gone, DATA};
+use super::limits::{check_metadata, consistent_counts, is_lower_hex64};
 use super::root::{Dir, OpenHow};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -100,18 +102,14 @@ impl Manifest {
             ));
         }
         if self.id != id {
-            return inconsistent(format!(
-                "id {:?} (expected {id:?})",
-                super::error::shorten(&self.id)
-            ));
+            return inconsistent(format!("id {:?} (expected {id:?})", shorten(&self.id)));
         }
-        let count_ok = (super::MIN_CHUNK_SIZE..=super::MAX_CHUNK_SIZE).contains(&self.chunk_size)
-            && self.total_bytes > 0
-            && self.chunk_count == self.total_bytes.div_ceil(self.chunk_size)
-            && self.chunk_count <= super::MAX_CHUNK_COUNT
-            && self.stored.len() as u64 == self.chunk_count
-            && self.stored.bytes().all(|b| b == b'0' || b == b'1');
-        if !count_ok {
+        if !consistent_counts(
+            self.total_bytes,
+            self.chunk_size,
+            self.chunk_count,
+            &self.stored,
+        ) {
             return inconsistent(format!(
                 "{} chunks of {} bytes for {} bytes, {} stored flags",
                 self.chunk_count,
@@ -125,15 +123,12 @@ impl Manifest {
             .iter()
             .find(|(i, h)| **i >= self.chunk_count || !is_lower_hex64(h))
         {
-            return inconsistent(format!(
-                "checksum of chunk {i}: {:?}",
-                super::error::shorten(h)
-            ));
+            return inconsistent(format!("checksum of chunk {i}: {:?}", shorten(h)));
         }
         if let Some(h) = self.sha256.as_deref().filter(|h| !is_lower_hex64(h)) {
-            return inconsistent(format!("sha256 {:?}", super::error::shorten(h)));
+            return inconsistent(format!("sha256 {:?}", shorten(h)));
         }
-        if let Err(e) = super::check_metadata(&self.metadata) {
+        if let Err(e) = check_metadata(&self.metadata) {
             return inconsistent(e.to_string());
         }
         // The path handed to PHP once complete is always `<root>/<id>/data`; the root may
@@ -143,7 +138,7 @@ impl Manifest {
             (UploadState::Uploading, Some(_)) | (UploadState::Complete, None) => false,
             (UploadState::Complete, Some(p)) | (UploadState::Aborted, Some(p)) => {
                 let p = std::path::Path::new(p);
-                p.is_absolute() && p.ends_with(std::path::Path::new(id).join(super::DATA))
+                p.is_absolute() && p.ends_with(std::path::Path::new(id).join(DATA))
             }
             (UploadState::Aborted, None) => true,
         };
@@ -234,15 +229,4 @@ pub(crate) fn store(dir: &Dir, m: &Manifest) -> Result<(), StorageError> {
     let path = dir.path().join(MANIFEST);
     dir.rename(MANIFEST_TMP, MANIFEST)
         .map_err(|e| io_error("renaming into place", &path, &e))
-}
-
-fn is_lower_hex64(s: &str) -> bool {
-    s.len() == 64
-        && s.bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-}
-
-/// ENOENT or ENOTDIR: the file or its directory does not exist.
-pub(crate) fn is_gone(e: &io::Error) -> bool {
-    e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENOTDIR)
 }

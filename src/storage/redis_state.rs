@@ -20,11 +20,14 @@
 //! blocking client of the `redis` crate with short timeouts). Any failure drops
 //! it, maps to [`StorageError::Unavailable`], and the next call connects again.
 
+use super::backend::{AbortOutcome, Completed, MakeDurable, Mark, StateBackend};
 use super::error::StorageError;
-use super::manifest::{Manifest, UploadState, FORMAT_VERSION};
+use super::locks::LockFile;
+use super::manifest::{Manifest, UploadState};
+use super::redis_fields::{fields_of, hash_fields, key_expire_ms, manifest_from, parse_state};
+use super::root::{Dir, Root};
 use crate::redis_url::RedisSettings;
 use redis::{ConnectionLike, RedisError, Script, Value};
-use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -166,21 +169,6 @@ struct Owned {
     conn: Conn,
 }
 
-/// Result of [`RedisState::complete`].
-pub(crate) enum Completed {
-    Done(Manifest),
-    /// Redis misses marks the caller saw (lost by a Redis restart without
-    /// persistence): the caller reports the chunks missing.
-    Missing(Manifest),
-}
-
-/// Result of [`RedisState::abort`].
-pub(crate) enum AbortOutcome {
-    Unknown,
-    Removed,
-    WasExpired,
-}
-
 pub(crate) struct RedisState {
     opts: RedisStateOptions,
     scripts: Scripts,
@@ -215,39 +203,32 @@ impl RedisState {
             format!("{p}chunks:{{private-upload.{id}}}"),
         ]
     }
+}
 
+/// The upload state in Redis: the same state changes as the manifest files, each one Lua
+/// script, so no manifest lock is needed for a mark.
+impl StateBackend for RedisState {
     /// The state of upload `id`, `None` when Redis has none.
-    pub fn load(&self, id: &str) -> Result<Option<Manifest>, StorageError> {
+    fn load(&self, _root: &Root, id: &str) -> Result<Option<Manifest>, StorageError> {
         let v = self.run(id, "reading", &self.scripts.load, &[])?;
         let (_, m) = self.snapshot(id, v)?;
         Ok(m)
     }
 
-    /// Stores a new upload's state.
-    pub fn create(&self, m: &Manifest) -> Result<(), StorageError> {
+    /// Stores a new upload's state, last: the upload exists for other hosts only once its
+    /// files do.
+    fn create(
+        &self,
+        _dir: &Dir,
+        m: &Manifest,
+        make_durable: MakeDurable,
+    ) -> Result<(), StorageError> {
+        make_durable()?;
         let mut args = vec![
             key_expire_ms(m.expires_at).to_string(),
             m.chunk_count.to_string(),
         ];
-        let meta = serde_json::to_string(&m.metadata)
-            .map_err(|e| StorageError::Io(format!("encoding the metadata of {}: {e}", m.id)))?;
-        let mut field = |k: &str, v: String| {
-            args.push(k.to_string());
-            args.push(v);
-        };
-        field("v", FORMAT_VERSION.to_string());
-        field("id", m.id.clone());
-        field("state", state_name(m.state).to_string());
-        field("total", m.total_bytes.to_string());
-        field("chunk_size", m.chunk_size.to_string());
-        field("count", m.chunk_count.to_string());
-        field("meta", meta);
-        field("created_at", m.created_at.to_string());
-        field("touched_at", m.touched_at.to_string());
-        field("expires_at", m.expires_at.to_string());
-        if let Some(sha) = &m.sha256 {
-            field("sha256", sha.clone());
-        }
+        args.extend(fields_of(m)?);
         // 0 ("exists") can only be this call's own first attempt whose reply was
         // lost: ids carry 128 random bits and their directory was just made.
         self.run(&m.id, "creating", &self.scripts.create, &args)
@@ -256,49 +237,43 @@ impl RedisState {
 
     /// Marks chunk `index` stored (when the upload is live and uploading) and
     /// returns the state after it; `None` when the upload is gone.
-    pub fn mark(
+    fn mark(
         &self,
-        id: &str,
-        index: u64,
-        sha256: Option<&str>,
-        now: u64,
-        expires_at: u64,
+        _dir: &Dir,
+        lock: &LockFile,
+        mark: Mark,
     ) -> Result<Option<Manifest>, StorageError> {
+        let id = lock.id();
         let args = [
-            now.to_string(),
-            index.to_string(),
-            sha256.unwrap_or("").to_string(),
-            expires_at.to_string(),
-            key_expire_ms(expires_at).to_string(),
+            mark.now.to_string(),
+            mark.index.to_string(),
+            mark.sha256.unwrap_or_default(),
+            mark.expires_at.to_string(),
+            key_expire_ms(mark.expires_at).to_string(),
         ];
         let v = self.run(id, "marking a chunk of", &self.scripts.mark, &args)?;
         Ok(self.snapshot(id, v)?.1)
     }
 
-    /// Records completion; `None` when the upload is gone.
-    pub fn complete(
-        &self,
-        m: &Manifest,
-        path: &str,
-        now: u64,
-        expires_at: u64,
-    ) -> Result<Option<Completed>, StorageError> {
+    /// Records completion; `Missing` when Redis misses marks the caller saw (lost by a
+    /// Redis restart without persistence).
+    fn complete(&self, _dir: &Dir, m: Manifest) -> Result<Completed, StorageError> {
         let args = [
-            now.to_string(),
-            path.to_string(),
-            expires_at.to_string(),
-            key_expire_ms(expires_at).to_string(),
+            m.touched_at.to_string(),
+            m.path.clone().unwrap_or_default(),
+            m.expires_at.to_string(),
+            key_expire_ms(m.expires_at).to_string(),
             m.chunk_count.to_string(),
         ];
         let v = self.run(&m.id, "completing", &self.scripts.complete, &args)?;
         Ok(match self.snapshot(&m.id, v)? {
-            (2, Some(m)) => Some(Completed::Missing(m)),
-            (_, Some(m)) => Some(Completed::Done(m)),
-            (_, None) => None,
+            (2, Some(m)) => Completed::Missing(m),
+            (_, Some(m)) => Completed::Done(m),
+            (_, None) => Completed::Gone,
         })
     }
 
-    pub fn abort(&self, id: &str, now: u64) -> Result<AbortOutcome, StorageError> {
+    fn abort(&self, _dir: &Dir, id: &str, now: u64) -> Result<AbortOutcome, StorageError> {
         match self.run(id, "aborting", &self.scripts.abort, &[now.to_string()])? {
             Value::Int(1) => Ok(AbortOutcome::Removed),
             Value::Int(2) => Ok(AbortOutcome::WasExpired),
@@ -308,16 +283,16 @@ impl RedisState {
 
     /// Removes the state of an expired upload; the state it had, `None` when
     /// it is live (touched meanwhile) or already gone.
-    pub fn expire(&self, id: &str, now: u64) -> Result<Option<UploadState>, StorageError> {
+    fn expire(&self, _dir: &Dir, id: &str, now: u64) -> Result<Option<UploadState>, StorageError> {
         match self.run(id, "expiring", &self.scripts.expire, &[now.to_string()])? {
             Value::BulkString(s) => Ok(parse_state(&String::from_utf8_lossy(&s))),
             Value::SimpleString(s) => Ok(parse_state(&s)),
             _ => Ok(None),
         }
     }
+}
 
-    // ---- internals ----
-
+impl RedisState {
     fn run(
         &self,
         id: &str,
@@ -439,214 +414,5 @@ impl RedisState {
             &format!("the state of upload {id} in Redis {}", self.describe()),
         )?;
         Ok((code, Some(m)))
-    }
-}
-
-/// Unix seconds of expiry to the keys' PEXPIREAT in milliseconds (0 = never).
-fn key_expire_ms(expires_at: u64) -> u64 {
-    if expires_at == 0 {
-        0
-    } else {
-        expires_at.saturating_add(KEY_GRACE_S).saturating_mul(1000)
-    }
-}
-
-fn state_name(s: UploadState) -> &'static str {
-    match s {
-        UploadState::Uploading => "uploading",
-        UploadState::Complete => "complete",
-        UploadState::Aborted => "aborted",
-    }
-}
-
-fn parse_state(s: &str) -> Option<UploadState> {
-    match s {
-        "uploading" => Some(UploadState::Uploading),
-        "complete" => Some(UploadState::Complete),
-        "aborted" => Some(UploadState::Aborted),
-        _ => None,
-    }
-}
-
-/// HGETALL as RESP2 (flat array) or RESP3 (map).
-fn hash_fields(v: Value) -> Option<HashMap<String, String>> {
-    let text = |v: Value| match v {
-        Value::BulkString(b) => String::from_utf8(b).ok(),
-        Value::SimpleString(s) => Some(s),
-        Value::Int(n) => Some(n.to_string()),
-        _ => None,
-    };
-    let mut out = HashMap::new();
-    match v {
-        Value::Array(items) => {
-            let mut it = items.into_iter();
-            while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                out.insert(text(k)?, text(v)?);
-            }
-        }
-        Value::Map(pairs) => {
-            for (k, v) in pairs {
-                out.insert(text(k)?, text(v)?);
-            }
-        }
-        Value::Nil => {}
-        _ => return None,
-    }
-    Some(out)
-}
-
-/// The manifest described by the hash fields and the bitmap (bit `i` of the
-/// bitmap is bit `7 - i % 8` of byte `i / 8`, as SETBIT numbers them).
-pub(crate) fn manifest_from(f: &HashMap<String, String>, bits: &[u8]) -> Result<Manifest, String> {
-    let get = |k: &str| f.get(k).ok_or_else(|| format!("field {k} is missing"));
-    let num = |k: &str| -> Result<u64, String> {
-        let v = get(k)?;
-        v.parse::<u64>()
-            .map_err(|_| format!("field {k} is {:?}, not a number", super::error::shorten(v)))
-    };
-    let version = u32::try_from(num("v")?).map_err(|_| "field v is out of range".to_string())?;
-    let state = get("state")?;
-    let state =
-        parse_state(state).ok_or_else(|| format!("state {:?}", super::error::shorten(state)))?;
-    let chunk_count = num("count")?;
-    if chunk_count > super::MAX_CHUNK_COUNT {
-        return Err(format!("{chunk_count} chunks"));
-    }
-    let stored: String = (0..chunk_count as usize)
-        .map(|i| {
-            let set = bits.get(i / 8).is_some_and(|b| b & (0x80 >> (i % 8)) != 0);
-            if set {
-                '1'
-            } else {
-                '0'
-            }
-        })
-        .collect();
-    let metadata: BTreeMap<String, String> = serde_json::from_str(get("meta")?)
-        .map_err(|e| format!("field meta is not a JSON object of strings: {e}"))?;
-    let mut chunk_sha256 = BTreeMap::new();
-    for (k, v) in f {
-        if let Some(i) = k.strip_prefix("sha:") {
-            let i = i
-                .parse::<u64>()
-                .map_err(|_| format!("field {:?}", super::error::shorten(k)))?;
-            chunk_sha256.insert(i, v.clone());
-        }
-    }
-    Ok(Manifest {
-        version,
-        id: get("id")?.clone(),
-        state,
-        total_bytes: num("total")?,
-        chunk_size: num("chunk_size")?,
-        chunk_count,
-        stored,
-        chunk_sha256,
-        metadata,
-        sha256: f.get("sha256").cloned(),
-        created_at: num("created_at")?,
-        touched_at: num("touched_at")?,
-        expires_at: num("expires_at")?,
-        path: f.get("path").cloned(),
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn fields(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
-    fn base() -> HashMap<String, String> {
-        fields(&[
-            ("v", "1"),
-            ("id", "abc"),
-            ("state", "uploading"),
-            ("total", "20"),
-            ("chunk_size", "2"),
-            ("count", "10"),
-            ("meta", r#"{"name":"a.bin"}"#),
-            ("created_at", "5"),
-            ("touched_at", "6"),
-            ("expires_at", "7"),
-        ])
-    }
-
-    #[test]
-    fn bitmap_bits_are_numbered_like_setbit() {
-        // SETBIT k 0 1, SETBIT k 9 1 -> bytes 0x80 0x40
-        let m = manifest_from(&base(), &[0x80, 0x40]).unwrap();
-        assert_eq!(m.stored, "1000000001");
-        assert_eq!(m.missing(), vec![1, 2, 3, 4, 5, 6, 7, 8]);
-        // A short bitmap means the chunks past its end are missing.
-        let m = manifest_from(&base(), &[]).unwrap();
-        assert_eq!(m.stored, "0000000000");
-        assert_eq!(m.metadata.get("name").map(String::as_str), Some("a.bin"));
-    }
-
-    #[test]
-    fn chunk_checksums_and_optional_fields() {
-        let mut f = base();
-        f.insert("sha:3".into(), "ab".repeat(32));
-        f.insert("sha256".into(), "cd".repeat(32));
-        let m = manifest_from(&f, &[0x10]).unwrap();
-        assert_eq!(m.chunk_sha256.get(&3), Some(&"ab".repeat(32)));
-        assert_eq!(m.sha256, Some("cd".repeat(32)));
-        assert!(m.path.is_none());
-    }
-
-    #[test]
-    fn damaged_state_names_the_field() {
-        let mut f = base();
-        f.insert("total".into(), "lots".into());
-        assert!(manifest_from(&f, &[]).unwrap_err().contains("total"));
-        let mut f = base();
-        f.remove("meta");
-        assert!(manifest_from(&f, &[]).unwrap_err().contains("meta"));
-        let mut f = base();
-        f.insert("state".into(), "exploded".into());
-        assert!(manifest_from(&f, &[]).unwrap_err().contains("exploded"));
-        let mut f = base();
-        f.insert("count".into(), "99999999999".into());
-        assert!(manifest_from(&f, &[]).is_err());
-    }
-
-    proptest::proptest! {
-        /// Whatever another host (or anyone with access to Redis) left in the keys:
-        /// an error or a manifest that passes the same check as one read from disk.
-        #[test]
-        fn arbitrary_state_never_panics(
-            mutations in proptest::collection::vec(
-                (proptest::sample::select(vec![
-                    "v", "id", "state", "total", "chunk_size", "count", "meta",
-                    "created_at", "touched_at", "expires_at", "sha256", "path", "sha:0", "sha:x",
-                ]), "[-0-9a-z{}\":,]{0,24}"),
-                0..6,
-            ),
-            bits in proptest::collection::vec(proptest::num::u8::ANY, 0..4),
-        ) {
-            let mut f = base();
-            for (k, v) in mutations {
-                f.insert(k.to_string(), v);
-            }
-            if let Ok(m) = manifest_from(&f, &bits) {
-                if m.check("abc", "test").is_ok() {
-                    proptest::prop_assert_eq!(m.stored.len() as u64, m.chunk_count);
-                    proptest::prop_assert!(m.chunk_count * m.chunk_size >= m.total_bytes);
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn key_expiry_keeps_a_grace_period() {
-        assert_eq!(key_expire_ms(0), 0);
-        assert_eq!(key_expire_ms(1000), (1000 + KEY_GRACE_S) * 1000);
-        assert_eq!(key_expire_ms(u64::MAX), u64::MAX);
     }
 }

@@ -136,25 +136,7 @@ pub(crate) fn is_locked_by_other(file: &File, byte: u64) -> io::Result<bool> {
 /// (EOPNOTSUPP, ENOSYS) are fine: the write path reports ENOSPC there. Never emulated by
 /// writing zeros (that is what `posix_fallocate` would do, doubling the bytes written).
 pub(crate) fn reserve(file: &File, offset: u64, len: u64) -> io::Result<()> {
-    if len == 0 {
-        return Ok(());
-    }
-    let (Ok(off), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
-        return Ok(());
-    };
-    loop {
-        // SAFETY: plain syscall on an open descriptor.
-        let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, off, len) };
-        if rc == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EINTR) => continue,
-            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) => return Ok(()),
-            _ => return Err(e),
-        }
-    }
+    fallocate(file, 0, offset, len)
 }
 
 /// Gives back the disk blocks of `[offset, offset+len)` of `file` (a chunk that failed):
@@ -162,6 +144,13 @@ pub(crate) fn reserve(file: &File, offset: u64, len: u64) -> io::Result<()> {
 /// there. Partial blocks at the edges are zeroed within the range only, so neighbouring
 /// chunks are untouched. Filesystems without hole punching are left as they are.
 pub(crate) fn release(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    fallocate(file, mode, offset, len)
+}
+
+/// `fallocate(2)` retried on EINTR; a filesystem (or range) that does not support `mode`
+/// is left as it is.
+fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
     if len == 0 {
         return Ok(());
     }
@@ -170,14 +159,7 @@ pub(crate) fn release(file: &File, offset: u64, len: u64) -> io::Result<()> {
     };
     loop {
         // SAFETY: plain syscall on an open descriptor.
-        let rc = unsafe {
-            libc::fallocate(
-                file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                off,
-                len,
-            )
-        };
+        let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, off, len) };
         if rc == 0 {
             return Ok(());
         }

@@ -5,14 +5,8 @@
 
 use super::*;
 use crate::redis_url::parse_redis_url;
-use std::io::Cursor;
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
-use std::thread;
-use std::time::Instant;
-use tempfile::TempDir;
 
 struct RedisServer {
     child: Option<Child>,
@@ -121,16 +115,6 @@ fn redis_store(root: &Path, url: &str) -> Store {
     });
     s.set_fault_enospc_after(None);
     s
-}
-
-fn data(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
-}
-
-fn put(s: &Store, id: &str, index: u64, bytes: &[u8]) -> Result<ChunkOutcome, StorageError> {
-    s.write_chunk(id, index, &mut Cursor::new(bytes), None, &mut |_| {})
 }
 
 macro_rules! redis_or_skip {
