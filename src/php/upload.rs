@@ -4,7 +4,7 @@
 #![allow(non_snake_case)]
 
 use crate::php::convert::{key_string, object_to_hashtable};
-use crate::php::errors::{storage_error, value_error};
+use crate::php::errors::value_error;
 use crate::php::{ini, recorder, sapi};
 use crate::protocol::ingest::{IngestMessage, ProgressReport, StreamOutcome};
 use crate::recorder::Throttle;
@@ -13,6 +13,7 @@ use crate::storage::{
     RedisStateOptions, StorageError, Store, StoreOptions, UploadState, UploadStatus,
 };
 use ext_php_rs::boxed::ZBox;
+use ext_php_rs::exception::PhpException;
 use ext_php_rs::flags::ClassFlags;
 use ext_php_rs::prelude::*;
 use ext_php_rs::types::{ZendCallable, ZendHashTable, Zval};
@@ -34,7 +35,7 @@ const REDIS_TIMEOUT: Duration = Duration::from_secs(1);
 /// across requests (opened on first use, so the FPM master never holds one).
 fn store() -> PhpResult<&'static Store> {
     STORE
-        .get_or_try_init(|| {
+        .get_or_try_init(|| -> Result<Store, StorageError> {
             let cfg = ini::config();
             let store = Store::new(StoreOptions {
                 root: cfg.storage_dir.clone(),
@@ -53,7 +54,7 @@ fn store() -> PhpResult<&'static Store> {
                 timeout: REDIS_TIMEOUT,
             }))
         })
-        .map_err(storage_error)
+        .map_err(PhpException::from)
 }
 
 fn status_array(status: &UploadStatus) -> PhpResult<ZBox<ZendHashTable>> {
@@ -315,13 +316,13 @@ impl Upload {
         sweep(store);
         let status = store
             .create(total_bytes as u64, chunk_size, metadata, sha256)
-            .map_err(storage_error)?;
+            ?;
         Ok(Upload::from_status(&status))
     }
 
     /// Opens an existing upload; NotFoundException when unknown or expired.
     pub fn open(id: &str) -> PhpResult<Upload> {
-        let status = store()?.open(id).map_err(storage_error)?;
+        let status = store()?.open(id)?;
         Ok(Upload::from_status(&status))
     }
 
@@ -355,18 +356,18 @@ impl Upload {
     ) -> PhpResult<ZBox<ZendHashTable>> {
         let store = store()?;
         if index < 0 || index as u64 >= self.chunk_count {
-            return Err(storage_error(StorageError::InvalidChunk(format!(
+            return Err(PhpException::from(StorageError::InvalidChunk(format!(
                 "chunk index {index} is out of range 0..{} for upload {}",
                 self.chunk_count, self.id
             ))));
         }
         if self.aborted.get() {
-            return Err(storage_error(StorageError::Conflict(format!(
+            return Err(PhpException::from(StorageError::Conflict(format!(
                 "upload {} was aborted: chunk {index} was not accepted",
                 self.id
             ))));
         }
-        let before = store.status(&self.id).map_err(storage_error)?;
+        let before = store.status(&self.id)?;
         let stream = recorder::next_stream_id();
         let min_interval = ini::config().min_interval_ms;
         let mut throttle = Throttle::new(min_interval);
@@ -380,7 +381,7 @@ impl Upload {
             .as_deref()
             .map(open_source_file)
             .transpose()
-            .map_err(storage_error)?;
+            ?;
         let mut guard = BailoutGuard::new(AbandonedChunk {
             armed: true,
             end: Some(self.stream_end(stream, StreamOutcome::Failed, &before)),
@@ -438,14 +439,14 @@ impl Upload {
             }
             Err(e) => {
                 recorder::send(&self.stream_end(stream, StreamOutcome::Failed, &before));
-                Err(storage_error(e))
+                Err(e.into())
             }
         }
     }
 
     /// Everything known about the upload (see the contract for the keys).
     pub fn status(&self) -> PhpResult<ZBox<ZendHashTable>> {
-        let status = store()?.status(&self.id).map_err(storage_error)?;
+        let status = store()?.status(&self.id)?;
         status_array(&status)
     }
 
@@ -454,7 +455,7 @@ impl Upload {
     pub fn complete(&self) -> PhpResult<String> {
         let store = store()?;
         let was_complete = store.status(&self.id).is_ok_and(|s| s.path.is_some());
-        let status = store.complete(&self.id).map_err(storage_error)?;
+        let status = store.complete(&self.id)?;
         let path = status.path.clone().unwrap_or_default();
         if !was_complete {
             // No server path: events go to browsers (CONTRACT.md).
@@ -475,7 +476,7 @@ impl Upload {
 
     /// Removes the upload and tells its subscribers.
     pub fn abort(&self) -> PhpResult<()> {
-        store()?.abort(&self.id).map_err(storage_error)?;
+        store()?.abort(&self.id)?;
         self.aborted.set(true);
         recorder::send(&IngestMessage::Terminal {
             upload_id: self.id.clone(),
