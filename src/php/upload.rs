@@ -6,8 +6,8 @@
 use crate::php::convert::{key_string, object_to_hashtable};
 use crate::php::errors::value_error;
 use crate::php::{ini, recorder, sapi};
-use crate::protocol::ingest::{IngestMessage, ProgressReport, StreamOutcome};
-use crate::recorder::Throttle;
+use crate::protocol::ingest::IngestMessage;
+use crate::recorder::ChunkStream;
 use crate::redis_url::{key_prefix, parse_redis_url};
 use crate::storage::{
     RedisStateOptions, StorageError, Store, StoreOptions, UploadState, UploadStatus,
@@ -216,28 +216,6 @@ impl Upload {
             aborted: Cell::new(false),
         }
     }
-
-    fn report(&self, stream: u64, stored: &UploadStatus, inflight: u64) -> IngestMessage {
-        IngestMessage::Progress(ProgressReport {
-            upload_id: self.id.clone(),
-            stream,
-            bytes_total: self.total_bytes,
-            chunk_count: u32::try_from(self.chunk_count).unwrap_or(u32::MAX),
-            stored_bytes: stored.bytes_done,
-            chunks_done: u32::try_from(stored.chunks_done).unwrap_or(u32::MAX),
-            inflight,
-        })
-    }
-
-    fn stream_end(&self, stream: u64, outcome: StreamOutcome, s: &UploadStatus) -> IngestMessage {
-        IngestMessage::StreamEnd {
-            upload_id: self.id.clone(),
-            stream,
-            outcome,
-            stored_bytes: s.bytes_done,
-            chunks_done: u32::try_from(s.chunks_done).unwrap_or(u32::MAX),
-        }
-    }
 }
 
 /// The `$options` of Upload::create.
@@ -368,12 +346,19 @@ impl Upload {
             ))));
         }
         let before = store.status(&self.id)?;
-        let stream = recorder::next_stream_id();
-        let min_interval = ini::config().min_interval_ms;
-        let mut throttle = Throttle::new(min_interval);
+        let mut reports = ChunkStream::new(
+            &self.id,
+            recorder::next_stream_id(),
+            self.total_bytes,
+            self.chunk_count,
+            before.bytes_done,
+            before.chunks_done,
+            ini::config().min_interval_ms,
+        );
+        let failed = reports.failed();
         let mut on_progress = |inflight: u64| {
-            if throttle.due(Instant::now()) {
-                recorder::send(&self.report(stream, &before, inflight));
+            if let Some(m) = reports.progress(inflight, Instant::now()) {
+                recorder::send(&m);
             }
         };
         // Opened (and checked against open_basedir) before anything else happens.
@@ -384,7 +369,7 @@ impl Upload {
             ?;
         let mut guard = BailoutGuard::new(AbandonedChunk {
             armed: true,
-            end: Some(self.stream_end(stream, StreamOutcome::Failed, &before)),
+            end: Some(failed.clone()),
         });
         let result = match source {
             Some((mut file, len)) => store.write_chunk_sized(
@@ -434,11 +419,12 @@ impl Upload {
         drop(guard);
         match result {
             Ok(outcome) => {
-                recorder::send(&self.stream_end(stream, StreamOutcome::Stored, &outcome.status));
-                status_array(&outcome.status)
+                let s = &outcome.status;
+                recorder::send(&reports.stored(s.bytes_done, s.chunks_done));
+                status_array(s)
             }
             Err(e) => {
-                recorder::send(&self.stream_end(stream, StreamOutcome::Failed, &before));
+                recorder::send(&failed);
                 Err(e.into())
             }
         }
