@@ -126,7 +126,9 @@ impl Serialize for PhpJson<'_> {
         } else if let Some(text) = zv.str() {
             s.serialize_str(text)
         } else if zv.is_string() {
-            Err(S::Error::custom("data holds a string that is not valid UTF-8"))
+            Err(S::Error::custom(
+                "data holds a string that is not valid UTF-8",
+            ))
         } else if let Some(ht) = zv.array() {
             let depth = self.depth + 1;
             let len = Some(ht.len());

@@ -76,16 +76,11 @@ impl Hub {
             .filter(|p| *p > 1);
         std::env::remove_var(ENV_WATCH_PID);
         let _ = std::fs::create_dir_all(&cfg.storage_dir);
-        let pid_file = cfg.hub_file("pid");
         let state_file = cfg.hub_file("spawn");
-        // 0600, no symlink followed, not another user's file (see spawn.rs).
-        let pid_written = match spawn::write_pid_file(&pid_file) {
-            Ok(()) => true,
-            Err(e) => {
-                hub::log(format_args!("no pid file: {e}"));
-                false
-            }
-        };
+        // 0600, no symlink followed, not another user's file; removed when run() returns.
+        let _pid_file = spawn::PidFile::write(&cfg.hub_file("pid"))
+            .map_err(|e| hub::log(format_args!("no pid file: {e}")))
+            .ok();
         // A hub that is still serving after a few seconds ran successfully:
         // the workers' spawn backoff starts over (a thread of this CLI
         // process; never in an FPM worker).
@@ -121,12 +116,6 @@ impl Hub {
             });
         }
         done.store(true, Ordering::SeqCst);
-        if pid_written
-            && std::fs::read_to_string(&pid_file)
-                .is_ok_and(|p| p.trim() == std::process::id().to_string())
-        {
-            let _ = std::fs::remove_file(&pid_file);
-        }
         result.map_err(|e| {
             exception(format!(
                 "Hub::run(): {}",

@@ -292,9 +292,7 @@ impl Upload {
         };
         let store = store()?;
         sweep(store);
-        let status = store
-            .create(total_bytes as u64, chunk_size, metadata, sha256)
-            ?;
+        let status = store.create(total_bytes as u64, chunk_size, metadata, sha256)?;
         Ok(Upload::from_status(&status))
     }
 
@@ -362,11 +360,7 @@ impl Upload {
             }
         };
         // Opened (and checked against open_basedir) before anything else happens.
-        let source = sourceFile
-            .as_deref()
-            .map(open_source_file)
-            .transpose()
-            ?;
+        let source = sourceFile.as_deref().map(open_source_file).transpose()?;
         let mut guard = BailoutGuard::new(AbandonedChunk {
             armed: true,
             end: Some(failed.clone()),

@@ -340,18 +340,38 @@ mod tests {
     fn chunk_stream_throttles_progress_and_ends_once_per_outcome() {
         let t0 = Instant::now();
         let mut c = ChunkStream::new("u", 7, 1000, 4, 250, 1, 100);
-        assert!(c.progress(10, t0).is_some(), "the first report goes at once");
+        assert!(
+            c.progress(10, t0).is_some(),
+            "the first report goes at once"
+        );
         assert!(c.progress(20, t0 + Duration::from_millis(50)).is_none());
         match c.progress(30, t0 + Duration::from_millis(150)) {
             Some(IngestMessage::Progress(p)) => {
-                assert_eq!((p.stream, p.stored_bytes, p.chunks_done, p.inflight), (7, 250, 1, 30));
+                assert_eq!(
+                    (p.stream, p.stored_bytes, p.chunks_done, p.inflight),
+                    (7, 250, 1, 30)
+                );
             }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(c.stored(500, 2), IngestMessage::StreamEnd {
-            outcome: StreamOutcome::Stored, stored_bytes: 500, chunks_done: 2, .. }));
-        assert!(matches!(c.failed(), IngestMessage::StreamEnd {
-            outcome: StreamOutcome::Failed, stored_bytes: 250, chunks_done: 1, .. }));
+        assert!(matches!(
+            c.stored(500, 2),
+            IngestMessage::StreamEnd {
+                outcome: StreamOutcome::Stored,
+                stored_bytes: 500,
+                chunks_done: 2,
+                ..
+            }
+        ));
+        assert!(matches!(
+            c.failed(),
+            IngestMessage::StreamEnd {
+                outcome: StreamOutcome::Failed,
+                stored_bytes: 250,
+                chunks_done: 1,
+                ..
+            }
+        ));
     }
 
     #[test]
