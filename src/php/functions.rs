@@ -180,6 +180,8 @@ pub fn status_map() -> Option<serde_json::Map<String, serde_json::Value>> {
         .unwrap_or(0);
     map.insert("events_dropped".into(), json!(hub_dropped + local_dropped));
     map.insert("events_dropped_here".into(), json!(local_dropped));
+    // Progress replaced by a newer one while the hub was not reading: not lost.
+    map.insert("events_coalesced_here".into(), json!(recorder::coalesced()));
     // Whatever the hub said, no credential leaves through this array.
     for v in map.values_mut() {
         if let Value::String(s) = v {

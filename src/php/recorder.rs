@@ -4,7 +4,9 @@
 use crate::config::{Config, HubMode};
 use crate::php::{ini, sapi};
 use crate::protocol::ingest::IngestMessage;
-use crate::recorder::client::{own_uid, ConnectError, IngestClient, QueryError};
+use crate::recorder::client::{
+    own_uid, ConnectError, IngestClient, QueryError, END_OF_REQUEST_WAIT,
+};
 use crate::recorder::spawn::{self, SpawnOutcome, SpawnSpec};
 use crate::recorder::{header_env_name, query_param, stream_id, valid_progress_id, BodyTracker};
 use once_cell::sync::OnceCell;
@@ -123,6 +125,29 @@ pub fn next_stream_id() -> u64 {
 
 pub fn dropped() -> u64 {
     with_process(|p| p.client.dropped()).unwrap_or(0)
+}
+
+/// Progress events this process coalesced while the hub was not reading.
+pub fn coalesced() -> u64 {
+    with_process(|p| p.client.coalesced()).unwrap_or(0)
+}
+
+/// Sends what waits for room in the socket, waiting a few ms at most: terminal events of
+/// this request reach the hub before the worker idles (it may not send again for long).
+fn flush_pending() {
+    PROCESS.with(|p| {
+        if let Ok(mut p) = p.try_borrow_mut() {
+            if let Some(p) = p.as_mut().filter(|p| p.client.queued() > 0) {
+                p.client.flush(END_OF_REQUEST_WAIT);
+            }
+        }
+    });
+}
+
+/// RSHUTDOWN (registered in lib.rs): the end of every request, in every SAPI.
+pub extern "C" fn request_shutdown(_ty: i32, _module_number: i32) -> i32 {
+    let _ = catch_unwind(flush_pending);
+    0
 }
 
 /// A bounded request/response with the hub (separate connection).
@@ -458,6 +483,8 @@ pub fn request_startup() {
     }
     with_client(|client, no_hub| {
         client.check_alive();
+        // What the last request left queued goes first.
+        client.flush(std::time::Duration::ZERO);
         if !client.is_connected() && client.connect(false) == Err(ConnectError::NoHub) {
             no_hub();
             let _ = client.connect(true);
@@ -475,6 +502,7 @@ fn end_of_request_body() {
             send(&m.tagged_request());
         }
     }
+    flush_pending();
 }
 
 /// Runs `f` while the body is read by Upload::writeChunk, so the generic body

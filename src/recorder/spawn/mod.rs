@@ -21,7 +21,7 @@ pub use plan::{extension_path, find_php_binary, hub_spec, start_hub, SpawnLog};
 pub use state::{backoff, now_ms, read_state, with_state, SpawnState, BACKOFF_CAP, RAN_OK_AFTER};
 
 use crate::config::Config;
-use crate::recorder::client::{holder_uid, own_uid, sockaddr};
+use crate::recorder::client::{self, holder_uid, own_uid};
 use crate::storage::root::OpenHow;
 use std::ffi::CString;
 use std::fs::File;
@@ -66,48 +66,16 @@ pub enum SpawnOutcome {
 
 /// Binds and listens on the ingest socket name.
 pub fn bind_listener(name: &str) -> io::Result<OwnedFd> {
-    let (addr, len) = sockaddr(name)?;
-    // SAFETY: plain socket(2).
-    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fresh descriptor.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     if !name.starts_with('@') {
         // A path socket left by a dead hub blocks bind; it is stale only if
         // nobody accepts on it.
-        if let Ok((a, l)) = sockaddr(name) {
-            // SAFETY: probe connect on a throwaway socket.
-            unsafe {
-                let probe = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-                if probe >= 0 {
-                    let rc = libc::connect(probe, (&a as *const libc::sockaddr_un).cast(), l);
-                    let err = io::Error::last_os_error().raw_os_error();
-                    libc::close(probe);
-                    if rc != 0 && err == Some(libc::ECONNREFUSED) {
-                        let _ = std::fs::remove_file(name);
-                    }
-                }
-            }
+        if std::os::unix::net::UnixStream::connect(name)
+            .is_err_and(|e| e.raw_os_error() == Some(libc::ECONNREFUSED))
+        {
+            let _ = std::fs::remove_file(name);
         }
     }
-    // SAFETY: addr is a valid sockaddr_un of len bytes.
-    let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&addr as *const libc::sockaddr_un).cast(),
-            len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: listen on our bound socket.
-    if unsafe { libc::listen(fd.as_raw_fd(), 1024) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(fd)
+    client::listen(name).map(OwnedFd::from)
 }
 
 fn cstring(s: &str) -> io::Result<CString> {
@@ -490,13 +458,9 @@ mod tests {
     #[test]
     fn a_bound_name_nobody_accepts_on_is_an_error() {
         let name = format!("@upload-progress-spawn-bound-{}", std::process::id());
-        let (addr, len) = sockaddr(&name).unwrap();
-        // SAFETY: a bound socket that never listens, closed at the end.
-        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
-        assert_eq!(
-            unsafe { libc::bind(fd, (&addr as *const libc::sockaddr_un).cast(), len) },
-            0
-        );
+        // A bound socket that never listens, closed at the end.
+        let fd = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).unwrap();
+        fd.bind(&client::sock_addr(&name).unwrap()).unwrap();
         let dir = tempfile::tempdir().unwrap();
         // The hub's files live in a storage root: 0700, or refused.
         std::fs::set_permissions(
@@ -513,7 +477,7 @@ mod tests {
             config: None,
         };
         let outcome = spawn(&spec).unwrap();
-        unsafe { libc::close(fd) };
+        drop(fd);
         assert_eq!(outcome, SpawnOutcome::NotAccepting);
     }
 }
