@@ -229,35 +229,17 @@ mod tests {
         assert_eq!(drain(&mut q), [&b"third"[..]]);
 
         let big = vec![0u8; SOFT_BYTES / 2 + 1];
+        let kept = |terminal| Class::Keep { key: "x", terminal };
+        assert_eq!(q.push(&big, kept(false)), Pushed::Queued);
         assert_eq!(
-            q.push(
-                &big,
-                Class::Keep {
-                    key: "x",
-                    terminal: false
-                }
-            ),
-            Pushed::Queued
+            q.push(&big, kept(false)),
+            Pushed::Dropped,
+            "over the soft bound"
         );
         assert_eq!(
-            q.push(
-                &big,
-                Class::Keep {
-                    key: "x",
-                    terminal: false
-                }
-            ),
-            Pushed::Dropped
-        );
-        assert_eq!(
-            q.push(
-                &big,
-                Class::Keep {
-                    key: "x",
-                    terminal: true
-                }
-            ),
-            Pushed::Queued
+            q.push(&big, kept(true)),
+            Pushed::Queued,
+            "a terminal frame still fits"
         );
         assert_eq!(
             publish_class("c", "complete"),

@@ -53,13 +53,7 @@ mod tests {
 
     #[test]
     fn the_pid_file_is_removed_only_while_it_names_this_process() {
-        let dir = tempfile::tempdir().unwrap();
-        // The hub's files live in a storage root: 0700, or refused.
-        std::fs::set_permissions(
-            dir.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o700),
-        )
-        .unwrap();
+        let dir = crate::recorder::spawn::private_tempdir();
         let path = dir.path().join("hub.pid");
         drop(PidFile::write(&path).unwrap());
         assert!(!path.exists());

@@ -297,6 +297,18 @@ pub fn inherited_listener() -> Option<OwnedFd> {
     Some(owned)
 }
 
+/// A temporary storage root for tests: the hub's files live in one (0700, or refused).
+#[cfg(test)]
+pub(crate) fn private_tempdir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    dir
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -328,13 +340,7 @@ mod tests {
 
     #[test]
     fn spawned_child_gets_socket_and_settings_on_fds_3_4_and_nothing_else() {
-        let dir = tempfile::tempdir().unwrap();
-        // The hub's files live in a storage root: 0700, or refused.
-        std::fs::set_permissions(
-            dir.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o700),
-        )
-        .unwrap();
+        let dir = crate::recorder::spawn::private_tempdir();
         let log = dir.path().join("log");
         let name = format!("@upload-progress-spawn-exec-{}", std::process::id());
         let spec = SpawnSpec {
@@ -373,13 +379,7 @@ mod tests {
 
     #[test]
     fn the_log_is_never_a_planted_symlink_nor_a_foreign_file() {
-        let dir = tempfile::tempdir().unwrap();
-        // The hub's files live in a storage root: 0700, or refused.
-        std::fs::set_permissions(
-            dir.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o700),
-        )
-        .unwrap();
+        let dir = crate::recorder::spawn::private_tempdir();
         let target = dir.path().join("victim");
         std::fs::write(&target, "keep").unwrap();
         let link = dir.path().join("hub.log");
@@ -425,27 +425,26 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_foreign_holder_is_an_error_not_a_running_hub() {
-        let name = format!("@upload-progress-spawn-squat-{}", std::process::id());
-        let Some((pid, _report)) = crate::recorder::client::tests::foreign_listener(&name) else {
-            return;
-        };
-        let dir = tempfile::tempdir().unwrap();
-        // The hub's files live in a storage root: 0700, or refused.
-        std::fs::set_permissions(
-            dir.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o700),
-        )
-        .unwrap();
-        let spec = SpawnSpec {
+    /// `/bin/true` as the hub, logging into `dir`.
+    fn true_spec(dir: &tempfile::TempDir, name: String) -> SpawnSpec {
+        SpawnSpec {
             program: "/bin/true".into(),
             args: vec![],
             env: vec![],
             log_path: dir.path().join("log").to_string_lossy().into_owned(),
             socket_name: name,
             config: None,
+        }
+    }
+
+    #[test]
+    fn a_foreign_holder_is_an_error_not_a_running_hub() {
+        let name = format!("@upload-progress-spawn-squat-{}", std::process::id());
+        let Some((pid, _report)) = crate::recorder::client::tests::foreign_listener(&name) else {
+            return;
         };
+        let dir = crate::recorder::spawn::private_tempdir();
+        let spec = true_spec(&dir, name);
         let outcome = spawn(&spec).unwrap();
         // SAFETY: ending and reaping our own child.
         unsafe {
@@ -461,21 +460,8 @@ mod tests {
         // A bound socket that never listens, closed at the end.
         let fd = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).unwrap();
         fd.bind(&client::sock_addr(&name).unwrap()).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        // The hub's files live in a storage root: 0700, or refused.
-        std::fs::set_permissions(
-            dir.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o700),
-        )
-        .unwrap();
-        let spec = SpawnSpec {
-            program: "/bin/true".into(),
-            args: vec![],
-            env: vec![],
-            log_path: dir.path().join("log").to_string_lossy().into_owned(),
-            socket_name: name,
-            config: None,
-        };
+        let dir = crate::recorder::spawn::private_tempdir();
+        let spec = true_spec(&dir, name);
         let outcome = spawn(&spec).unwrap();
         drop(fd);
         assert_eq!(outcome, SpawnOutcome::NotAccepting);

@@ -149,13 +149,7 @@ mod tests {
 
     #[test]
     fn the_state_is_shared_through_the_file() {
-        let dir = tempfile::tempdir().unwrap();
-        // The hub's files live in a storage root: 0700, or refused.
-        std::fs::set_permissions(
-            dir.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o700),
-        )
-        .unwrap();
+        let dir = crate::recorder::spawn::private_tempdir();
         let path = dir.path().join("hub.spawn");
         assert!(with_state(&path, |s| s.try_start(10_000)).unwrap());
         // Another worker (another open of the same file) sees the backoff.
