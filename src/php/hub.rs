@@ -9,8 +9,6 @@ use crate::recorder::spawn::{self, ENV_WATCH_PID};
 use ext_php_rs::exception::PhpException;
 use ext_php_rs::prelude::*;
 use std::os::unix::net::UnixListener;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 #[php_class]
 #[php(name = "UploadProgress\\Hub")]
@@ -81,24 +79,8 @@ impl Hub {
         let _pid_file = spawn::PidFile::write(&cfg.hub_file("pid"))
             .map_err(|e| hub::log(format_args!("no pid file: {e}")))
             .ok();
-        // A hub that is still serving after a few seconds ran successfully:
-        // the workers' spawn backoff starts over (a thread of this CLI
-        // process; never in an FPM worker).
-        let done = Arc::new(AtomicBool::new(false));
-        {
-            let done = done.clone();
-            let state_file = state_file.clone();
-            let _ = std::thread::Builder::new()
-                .name("upload-progress-ran-ok".into())
-                .spawn(move || {
-                    std::thread::sleep(spawn::RAN_OK_AFTER);
-                    let _ = spawn::with_state(&state_file, |s| {
-                        if !done.load(Ordering::SeqCst) {
-                            s.ran_ok();
-                        }
-                    });
-                });
-        }
+        // Still serving after a few seconds: the workers' spawn backoff starts over.
+        let run = spawn::HubRun::start(state_file);
         let redis_url = cfg.redis_url.clone();
         let secret = cfg.app_secret.clone();
         let result = hub::run(HubOptions {
@@ -110,12 +92,9 @@ impl Hub {
         if let Err(e) = &result {
             // The workers log this once and back off before the next spawn.
             let reason = crate::redis_url::scrub(e, &redis_url, &secret);
-            let _ = spawn::with_state(&state_file, |s| {
-                done.store(true, Ordering::SeqCst);
-                s.exited(&reason);
-            });
+            run.failed(&reason);
         }
-        done.store(true, Ordering::SeqCst);
+        drop(run);
         result.map_err(|e| {
             exception(format!(
                 "Hub::run(): {}",

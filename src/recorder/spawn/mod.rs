@@ -18,7 +18,9 @@ mod state;
 
 pub use files::{open_hub_file, write_pid_file, PidFile};
 pub use plan::{extension_path, find_php_binary, hub_spec, start_hub, SpawnLog};
-pub use state::{backoff, now_ms, read_state, with_state, SpawnState, BACKOFF_CAP, RAN_OK_AFTER};
+pub use state::{
+    backoff, now_ms, read_state, with_state, HubRun, SpawnState, BACKOFF_CAP, RAN_OK_AFTER,
+};
 
 use crate::config::Config;
 use crate::recorder::client::{self, holder_uid, own_uid};

@@ -7,7 +7,9 @@ use crate::storage::root::OpenHow;
 use serde::{Deserialize, Serialize};
 use std::io::{self, Read, Seek, Write};
 use std::os::fd::AsRawFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Longest pause between two spawns of a failing hub.
@@ -113,6 +115,46 @@ pub fn read_state(path: &Path) -> Option<SpawnState> {
         return None;
     }
     with_state(path, |s| s.clone()).ok()
+}
+
+/// The running hub's side of the spawn state (the hub process, never an FPM worker): a
+/// hub still serving after `RAN_OK_AFTER` ran successfully and the workers' backoff starts
+/// over; a hub that fails leaves its reason for the workers to log once.
+pub struct HubRun {
+    state_file: PathBuf,
+    done: Arc<AtomicBool>,
+}
+
+impl HubRun {
+    pub fn start(state_file: PathBuf) -> HubRun {
+        let done = Arc::new(AtomicBool::new(false));
+        let (flag, path) = (done.clone(), state_file.clone());
+        let _ = std::thread::Builder::new()
+            .name("upload-progress-ran-ok".into())
+            .spawn(move || {
+                std::thread::sleep(RAN_OK_AFTER);
+                let _ = with_state(&path, |s| {
+                    if !flag.load(Ordering::SeqCst) {
+                        s.ran_ok();
+                    }
+                });
+            });
+        HubRun { state_file, done }
+    }
+
+    /// The hub stopped with an error: the workers log `reason` once and back off.
+    pub fn failed(&self, reason: &str) {
+        let _ = with_state(&self.state_file, |s| {
+            self.done.store(true, Ordering::SeqCst);
+            s.exited(reason);
+        });
+    }
+}
+
+impl Drop for HubRun {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::SeqCst);
+    }
 }
 
 #[cfg(test)]
