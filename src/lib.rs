@@ -21,6 +21,7 @@ pub fn get_module(builder: ModuleBuilder) -> ModuleBuilder {
         .startup_function(module::startup)
         .shutdown_function(module::shutdown)
         .request_startup_function(module::request_startup)
+        .request_shutdown_function(php::recorder::request_shutdown)
         .info_function(info::module_info)
         .class::<errors::Exception>()
         .class::<errors::NotFoundException>()

@@ -90,4 +90,7 @@ echo json_encode([
     'method' => $method, 'calls' => $batches * $batch, 'batch' => $batch,
     'median_ns' => $q($means, 0.5), 'p10_ns' => $q($means, 0.1), 'p90_ns' => $q($means, 0.9),
     'loop_ns' => $q($base, 0.5), 'ok' => $ok, 'failed' => $fail,
+    // progress events replaced by a newer one while the hub's socket was full (not lost)
+    'coalesced' => str_starts_with($method, 'publish')
+        ? (UploadProgress\hub_status()['events_coalesced_here'] ?? null) : null,
 ]), "\n";

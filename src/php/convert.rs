@@ -1,8 +1,10 @@
-//! Conversions between PHP values and JSON, written straight into buffers.
+//! Conversions between PHP values and JSON: arrays are walked in place and fed to serde.
 
 use ext_php_rs::boxed::ZBox;
 use ext_php_rs::flags::DataType;
 use ext_php_rs::types::{ArrayKey, ZendHashTable, ZendStr, Zval};
+use serde::ser::{Error as _, SerializeMap, SerializeSeq, Serializer};
+use serde::Serialize;
 use serde_json::Value;
 
 /// zend_hash.h: the array stores bare zvals indexed 0..n (no keys).
@@ -75,87 +77,97 @@ fn is_list(ht: &ZendHashTable) -> bool {
         .all(|(i, (k, _))| matches!(k, Key::Index(n) if n == i as u64))
 }
 
-/// Appends the JSON text of a PHP value (like `json_encode` with
-/// JSON_UNESCAPED_SLASHES): lists become arrays, other arrays objects.
-pub fn write_json(zv: &Zval, out: &mut String, depth: usize) -> Result<(), String> {
-    if depth > 64 {
-        return Err("data is nested deeper than 64 levels".into());
-    }
-    let zv = zv.dereference();
-    let zv = zv.indirect().unwrap_or(zv);
-    if zv.is_null() {
-        out.push_str("null");
-    } else if let Some(b) = zv.bool() {
-        out.push_str(if b { "true" } else { "false" });
-    } else if let Some(n) = zv.long() {
-        out.push_str(itoa::Buffer::new().format(n));
-    } else if let Some(f) = zv.double() {
-        if !f.is_finite() {
-            return Err(format!("data holds the non-finite number {f}"));
-        }
-        out.push_str(&serde_json::Number::from_f64(f).map_or("0".into(), |n| n.to_string()));
-    } else if let Some(s) = zv.str() {
-        write_json_str(s, out);
-    } else if zv.is_string() {
-        return Err("data holds a string that is not valid UTF-8".into());
-    } else if let Some(ht) = zv.array() {
-        let list = is_list(ht);
-        out.push(if list { '[' } else { '{' });
-        for (i, (key, value)) in Entries::new(ht).enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            if !list {
-                match key {
-                    Key::Index(n) => {
-                        out.push('"');
-                        // Integer keys are signed in PHP.
-                        out.push_str(itoa::Buffer::new().format(n as i64));
-                        out.push('"');
-                    }
-                    Key::Name(bytes) => match std::str::from_utf8(bytes) {
-                        Ok(k) => write_json_str(k, out),
-                        Err(_) => return Err("data holds a key that is not valid UTF-8".into()),
-                    },
-                }
-                out.push(':');
-            }
-            write_json(value, out, depth + 1)?;
-        }
-        out.push(if list { ']' } else { '}' });
-    } else {
-        return Err(format!(
-            "data holds a value of type {:?} that cannot be JSON",
-            zv.get_type()
-        ));
-    }
-    Ok(())
+/// Deepest nesting publish() accepts (json_encode's default is 512; events are small).
+const MAX_DEPTH: usize = 64;
+
+/// A PHP value as serde sees it: arrays are walked in place (borrowed keys and values),
+/// and serde_json writes the text. Lists become JSON arrays, other arrays objects, as
+/// `json_encode` with JSON_UNESCAPED_SLASHES.
+pub struct PhpJson<'a> {
+    zv: &'a Zval,
+    depth: usize,
 }
 
-fn write_json_str(s: &str, out: &mut String) {
-    out.push('"');
-    if !s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
-        out.push_str(s);
-        out.push('"');
-        return;
+impl<'a> PhpJson<'a> {
+    pub fn new(zv: &'a Zval) -> Self {
+        PhpJson { zv, depth: 0 }
     }
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => {
-                const HEX: &[u8; 16] = b"0123456789abcdef";
-                out.push_str("\\u00");
-                out.push(HEX[(c as usize) >> 4] as char);
-                out.push(HEX[(c as usize) & 0xf] as char);
+}
+
+/// An integer key of a PHP array as a JSON object key (signed in PHP).
+struct IntKey(i64);
+
+impl Serialize for IntKey {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(itoa::Buffer::new().format(self.0))
+    }
+}
+
+impl Serialize for PhpJson<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.depth > MAX_DEPTH {
+            return Err(S::Error::custom("data is nested deeper than 64 levels"));
+        }
+        let zv = self.zv.dereference();
+        let zv = zv.indirect().unwrap_or(zv);
+        if zv.is_null() {
+            s.serialize_unit()
+        } else if let Some(b) = zv.bool() {
+            s.serialize_bool(b)
+        } else if let Some(n) = zv.long() {
+            s.serialize_i64(n)
+        } else if let Some(f) = zv.double() {
+            if !f.is_finite() {
+                return Err(S::Error::custom(format!(
+                    "data holds the non-finite number {f}"
+                )));
             }
-            c => out.push(c),
+            s.serialize_f64(f)
+        } else if let Some(text) = zv.str() {
+            s.serialize_str(text)
+        } else if zv.is_string() {
+            Err(S::Error::custom(
+                "data holds a string that is not valid UTF-8",
+            ))
+        } else if let Some(ht) = zv.array() {
+            let depth = self.depth + 1;
+            let len = Some(ht.len());
+            if is_list(ht) {
+                let mut seq = s.serialize_seq(len)?;
+                for (_, zv) in Entries::new(ht) {
+                    seq.serialize_element(&PhpJson { zv, depth })?;
+                }
+                seq.end()
+            } else {
+                let mut map = s.serialize_map(len)?;
+                for (key, zv) in Entries::new(ht) {
+                    match key {
+                        Key::Index(n) => map.serialize_key(&IntKey(n as i64))?,
+                        Key::Name(bytes) => match std::str::from_utf8(bytes) {
+                            Ok(k) => map.serialize_key(k)?,
+                            Err(_) => {
+                                return Err(S::Error::custom(
+                                    "data holds a key that is not valid UTF-8",
+                                ))
+                            }
+                        },
+                    }
+                    map.serialize_value(&PhpJson { zv, depth })?;
+                }
+                map.end()
+            }
+        } else {
+            Err(S::Error::custom(format!(
+                "data holds a value of type {:?} that cannot be JSON",
+                zv.get_type()
+            )))
         }
     }
-    out.push('"');
+}
+
+/// Appends the JSON text of a PHP value to `out`.
+pub fn write_json(zv: &Zval, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+    PhpJson::new(zv).serialize(&mut serde_json::Serializer::new(out))
 }
 
 /// An array key as text (integer keys in decimal).

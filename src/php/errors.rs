@@ -108,7 +108,15 @@ pub const CHUNK_CONFLICT_CODE: i32 = 409;
 /// front answers 409 too (with `Retry-After`), or 423 Locked.
 pub const CHUNK_BUSY_CODE: i32 = 423;
 
-pub fn storage_error(err: StorageError) -> PhpException {
+/// Every storage failure becomes the contract's exception, so PHP methods use `?` on
+/// storage calls directly.
+impl From<StorageError> for PhpException {
+    fn from(err: StorageError) -> Self {
+        storage_exception(err)
+    }
+}
+
+fn storage_exception(err: StorageError) -> PhpException {
     let message = err.to_string();
     match err {
         StorageError::InvalidId(_) | StorageError::NotFound(_) => {

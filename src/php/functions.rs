@@ -45,9 +45,10 @@ pub fn publish(channel: &str, event: &str, data: &Zval) -> PhpResult<bool> {
     let text = if let Some(s) = data.str() {
         s
     } else if data.is_array() {
-        json = String::with_capacity(128);
-        write_json(data, &mut json, 0).map_err(value_error)?;
-        json.as_str()
+        json = Vec::with_capacity(256);
+        write_json(data, &mut json).map_err(|e| value_error(e.to_string()))?;
+        // serde_json writes UTF-8 only (every string and key was checked).
+        std::str::from_utf8(&json).map_err(|e| value_error(format!("publish(): {e}")))?
     } else {
         return Err(value_error(format!(
             "publish(): data must be an array or a string, {:?} given",
@@ -179,6 +180,8 @@ pub fn status_map() -> Option<serde_json::Map<String, serde_json::Value>> {
         .unwrap_or(0);
     map.insert("events_dropped".into(), json!(hub_dropped + local_dropped));
     map.insert("events_dropped_here".into(), json!(local_dropped));
+    // Progress replaced by a newer one while the hub was not reading: not lost.
+    map.insert("events_coalesced_here".into(), json!(recorder::coalesced()));
     // Whatever the hub said, no credential leaves through this array.
     for v in map.values_mut() {
         if let Value::String(s) = v {

@@ -9,8 +9,6 @@ use crate::recorder::spawn::{self, ENV_WATCH_PID};
 use ext_php_rs::exception::PhpException;
 use ext_php_rs::prelude::*;
 use std::os::unix::net::UnixListener;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 #[php_class]
 #[php(name = "UploadProgress\\Hub")]
@@ -76,34 +74,13 @@ impl Hub {
             .filter(|p| *p > 1);
         std::env::remove_var(ENV_WATCH_PID);
         let _ = std::fs::create_dir_all(&cfg.storage_dir);
-        let pid_file = cfg.hub_file("pid");
         let state_file = cfg.hub_file("spawn");
-        // 0600, no symlink followed, not another user's file (see spawn.rs).
-        let pid_written = match spawn::write_pid_file(&pid_file) {
-            Ok(()) => true,
-            Err(e) => {
-                hub::log(format_args!("no pid file: {e}"));
-                false
-            }
-        };
-        // A hub that is still serving after a few seconds ran successfully:
-        // the workers' spawn backoff starts over (a thread of this CLI
-        // process; never in an FPM worker).
-        let done = Arc::new(AtomicBool::new(false));
-        {
-            let done = done.clone();
-            let state_file = state_file.clone();
-            let _ = std::thread::Builder::new()
-                .name("upload-progress-ran-ok".into())
-                .spawn(move || {
-                    std::thread::sleep(spawn::RAN_OK_AFTER);
-                    let _ = spawn::with_state(&state_file, |s| {
-                        if !done.load(Ordering::SeqCst) {
-                            s.ran_ok();
-                        }
-                    });
-                });
-        }
+        // 0600, no symlink followed, not another user's file; removed when run() returns.
+        let _pid_file = spawn::PidFile::write(&cfg.hub_file("pid"))
+            .map_err(|e| hub::log(format_args!("no pid file: {e}")))
+            .ok();
+        // Still serving after a few seconds: the workers' spawn backoff starts over.
+        let run = spawn::HubRun::start(state_file);
         let redis_url = cfg.redis_url.clone();
         let secret = cfg.app_secret.clone();
         let result = hub::run(HubOptions {
@@ -115,18 +92,9 @@ impl Hub {
         if let Err(e) = &result {
             // The workers log this once and back off before the next spawn.
             let reason = crate::redis_url::scrub(e, &redis_url, &secret);
-            let _ = spawn::with_state(&state_file, |s| {
-                done.store(true, Ordering::SeqCst);
-                s.exited(&reason);
-            });
+            run.failed(&reason);
         }
-        done.store(true, Ordering::SeqCst);
-        if pid_written
-            && std::fs::read_to_string(&pid_file)
-                .is_ok_and(|p| p.trim() == std::process::id().to_string())
-        {
-            let _ = std::fs::remove_file(&pid_file);
-        }
+        drop(run);
         result.map_err(|e| {
             exception(format!(
                 "Hub::run(): {}",

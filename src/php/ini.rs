@@ -9,67 +9,70 @@ use once_cell::sync::OnceCell;
 use std::ffi::c_int;
 use std::path::PathBuf;
 
-/// Name and default of every directive, in the order `php --ri` shows them.
-pub const DIRECTIVES: [(&str, &str); 21] = [
-    ("upload_progress.enabled", "1"),
-    ("upload_progress.storage_dir", ""),
-    ("upload_progress.hub", "auto"),
-    ("upload_progress.listen", "127.0.0.1:6001"),
-    ("upload_progress.hub_socket", ""),
-    ("upload_progress.app_id", ""),
-    ("upload_progress.app_key", ""),
-    ("upload_progress.app_secret", ""),
-    ("upload_progress.allowed_origins", ""),
-    ("upload_progress.progress_param", "X-Progress-ID"),
-    ("upload_progress.min_interval_ms", "100"),
-    ("upload_progress.chunk_size", "8388608"),
-    ("upload_progress.max_upload_size", "0"),
-    ("upload_progress.expire_seconds", "86400"),
-    ("upload_progress.activity_timeout", "30"),
-    ("upload_progress.max_connections", "0"),
-    ("upload_progress.max_pending_handshakes", "0"),
-    ("upload_progress.max_connections_per_ip", "256"),
-    ("upload_progress.handshake_timeout", "10"),
-    ("upload_progress.redis_url", ""),
-    ("upload_progress.php_binary", ""),
-];
-
-macro_rules! system {
-    ($name:literal, $default:literal) => {
-        IniEntryDef::new($name, $default, IniEntryPermission::System)
+/// A string literal as a `&'static CStr` (checked at compile time).
+macro_rules! cstr {
+    ($s:expr) => {
+        match std::ffi::CStr::from_bytes_with_nul(concat!($s, "\0").as_bytes()) {
+            Ok(c) => c,
+            Err(_) => panic!("NUL byte in a directive"),
+        }
     };
 }
 
-static INI_ENTRIES: IniEntryDefs<22> = IniEntryDefs::new([
-    system!(c"upload_progress.enabled", c"1"),
-    system!(c"upload_progress.storage_dir", c""),
-    system!(c"upload_progress.hub", c"auto"),
-    system!(c"upload_progress.listen", c"127.0.0.1:6001"),
-    system!(c"upload_progress.hub_socket", c""),
-    system!(c"upload_progress.app_id", c""),
-    system!(c"upload_progress.app_key", c""),
-    IniEntryDef {
-        displayer: Some(display_masked),
-        ..system!(c"upload_progress.app_secret", c"")
-    },
-    system!(c"upload_progress.allowed_origins", c""),
-    system!(c"upload_progress.progress_param", c"X-Progress-ID"),
-    system!(c"upload_progress.min_interval_ms", c"100"),
-    system!(c"upload_progress.chunk_size", c"8388608"),
-    system!(c"upload_progress.max_upload_size", c"0"),
-    system!(c"upload_progress.expire_seconds", c"86400"),
-    system!(c"upload_progress.activity_timeout", c"30"),
-    system!(c"upload_progress.max_connections", c"0"),
-    system!(c"upload_progress.max_pending_handshakes", c"0"),
-    system!(c"upload_progress.max_connections_per_ip", c"256"),
-    system!(c"upload_progress.handshake_timeout", c"10"),
-    IniEntryDef {
-        displayer: Some(display_masked),
-        ..system!(c"upload_progress.redis_url", c"")
-    },
-    system!(c"upload_progress.php_binary", c""),
-    IniEntryDef::end(),
-]);
+/// One list gives both the names and defaults (`DIRECTIVES`, in the order `php --ri`
+/// shows them) and the engine's entries (`INI_ENTRIES`, all PHP_INI_SYSTEM); `masked`
+/// ones show `********` or a scrubbed URL in phpinfo().
+macro_rules! directives {
+    ($( $name:literal = $default:literal $($masked:ident)? ;)*) => {
+        const COUNT: usize = [$($name),*].len();
+
+        /// Name and default of every directive, in the order `php --ri` shows them.
+        pub const DIRECTIVES: [(&str, &str); COUNT] = [$(($name, $default)),*];
+
+        static INI_ENTRIES: IniEntryDefs<{ COUNT + 1 }> = IniEntryDefs::new([
+            $( entry(cstr!($name), cstr!($default), directives!(@masked $($masked)?)), )*
+            IniEntryDef::end(),
+        ]);
+    };
+    (@masked masked) => { true };
+    (@masked) => { false };
+}
+
+const fn entry(
+    name: &'static std::ffi::CStr,
+    default: &'static std::ffi::CStr,
+    masked: bool,
+) -> IniEntryDef {
+    let mut e = IniEntryDef::new(name, default, IniEntryPermission::System);
+    if masked {
+        e.displayer = Some(display_masked);
+    }
+    e
+}
+
+directives! {
+    "upload_progress.enabled" = "1";
+    "upload_progress.storage_dir" = "";
+    "upload_progress.hub" = "auto";
+    "upload_progress.listen" = "127.0.0.1:6001";
+    "upload_progress.hub_socket" = "";
+    "upload_progress.app_id" = "";
+    "upload_progress.app_key" = "";
+    "upload_progress.app_secret" = "" masked;
+    "upload_progress.allowed_origins" = "";
+    "upload_progress.progress_param" = "X-Progress-ID";
+    "upload_progress.min_interval_ms" = "100";
+    "upload_progress.chunk_size" = "8388608";
+    "upload_progress.max_upload_size" = "0";
+    "upload_progress.expire_seconds" = "86400";
+    "upload_progress.activity_timeout" = "30";
+    "upload_progress.max_connections" = "0";
+    "upload_progress.max_pending_handshakes" = "0";
+    "upload_progress.max_connections_per_ip" = "256";
+    "upload_progress.handshake_timeout" = "10";
+    "upload_progress.redis_url" = "" masked;
+    "upload_progress.php_binary" = "";
+}
 
 /// What phpinfo() and `php --ri` show for a secret directive: `********` for
 /// a set app_secret, the Redis URL(s) with their passwords replaced.

@@ -4,8 +4,10 @@
 use crate::config::{Config, HubMode};
 use crate::php::{ini, sapi};
 use crate::protocol::ingest::IngestMessage;
-use crate::recorder::client::{own_uid, ConnectError, IngestClient, QueryError};
-use crate::recorder::spawn::{self, SpawnOutcome, SpawnSpec, ENV_WATCH_PID};
+use crate::recorder::client::{
+    own_uid, ConnectError, IngestClient, QueryError, END_OF_REQUEST_WAIT,
+};
+use crate::recorder::spawn::{self, SpawnOutcome, SpawnSpec};
 use crate::recorder::{header_env_name, query_param, stream_id, valid_progress_id, BodyTracker};
 use once_cell::sync::OnceCell;
 use std::cell::{Cell, RefCell};
@@ -125,6 +127,29 @@ pub fn dropped() -> u64 {
     with_process(|p| p.client.dropped()).unwrap_or(0)
 }
 
+/// Progress events this process coalesced while the hub was not reading.
+pub fn coalesced() -> u64 {
+    with_process(|p| p.client.coalesced()).unwrap_or(0)
+}
+
+/// Sends what waits for room in the socket, waiting a few ms at most: terminal events of
+/// this request reach the hub before the worker idles (it may not send again for long).
+fn flush_pending() {
+    PROCESS.with(|p| {
+        if let Ok(mut p) = p.try_borrow_mut() {
+            if let Some(p) = p.as_mut().filter(|p| p.client.queued() > 0) {
+                p.client.flush(END_OF_REQUEST_WAIT);
+            }
+        }
+    });
+}
+
+/// RSHUTDOWN (registered in lib.rs): the end of every request, in every SAPI.
+pub extern "C" fn request_shutdown(_ty: i32, _module_number: i32) -> i32 {
+    let _ = catch_unwind(flush_pending);
+    0
+}
+
 /// A bounded request/response with the hub (separate connection).
 pub fn query(msg: &IngestMessage, timeout: Duration) -> Result<Vec<u8>, QueryError> {
     let cfg = ini::config();
@@ -190,55 +215,7 @@ fn maybe_spawn(last_spawn: &mut Option<Instant>) {
     let Some(spec) = spawn_spec(cfg) else { return };
     // Mode 0700 when missing (create_dir_all would make it 0755, then refused as unsafe).
     let _ = crate::storage::root::Root::open(&cfg.storage_dir);
-    // The backoff is per host: every worker reads and updates the same state
-    // under its lock, and the spawn itself happens under it (a few ms), so
-    // two workers never both count one attempt.
-    let state_path = cfg.hub_file("spawn");
-    let attempt = spawn::with_state(&state_path, |st| {
-        let t = spawn::now_ms();
-        if !st.reason.is_empty() && !st.logged {
-            st.logged = true;
-            log_warning(&format!(
-                "upload_progress: the hub exited: {}; next start in {} s (then backing off up to {} s)",
-                st.reason,
-                st.next_spawn_in_s(t),
-                spawn::BACKOFF_CAP.as_secs()
-            ));
-        }
-        if !st.try_start(t) {
-            return Ok(SpawnOutcome::AlreadyRunning);
-        }
-        let outcome = spawn::spawn(&spec);
-        match &outcome {
-            Ok(SpawnOutcome::Spawned | SpawnOutcome::SpawnedWithoutLog(_)) => {}
-            Ok(SpawnOutcome::Foreign(uid)) => {
-                st.exited(&foreign_message(*uid));
-                st.logged = true; // reported below, once
-            }
-            // Counted as a failed spawn (backoff), and logged once from the state.
-            Ok(SpawnOutcome::NotAccepting) => st.exited(&format!(
-                "the ingest socket {} is bound by a process that does not accept \
-                 connections (not a hub of this user); set upload_progress.hub_socket \
-                 to a path in a directory only this user can write",
-                spec.socket_name
-            )),
-            _ => st.undo_start(t),
-        }
-        outcome
-    });
-    let outcome = match attempt {
-        Ok(o) => o,
-        // Without the state file (storage root unusable) the per-process
-        // pause above still holds.
-        Err(e) => {
-            log_warning_once(&format!(
-                "upload_progress: cannot use {}: {e}",
-                state_path.display()
-            ));
-            spawn::spawn(&spec)
-        }
-    };
-    match outcome {
+    match spawn::start_hub(&spec, &cfg.hub_file("spawn"), &mut PhpLog) {
         // (This runs inside with_client: the process state is borrowed, and
         // the per-host state file keeps this to one line.)
         Ok(SpawnOutcome::Foreign(uid)) => report_foreign(uid),
@@ -250,6 +227,21 @@ fn maybe_spawn(last_spawn: &mut Option<Instant>) {
             "upload_progress: could not start the hub with {}: {e}",
             spec.program
         )),
+    }
+}
+
+/// The spawner's log lines go to the PHP error log.
+struct PhpLog;
+
+impl spawn::SpawnLog for PhpLog {
+    fn warn(&mut self, msg: &str) {
+        log_warning(msg);
+    }
+    fn warn_once(&mut self, msg: &str) {
+        log_warning_once(msg);
+    }
+    fn foreign_message(&self, uid: u32) -> String {
+        foreign_message(uid)
     }
 }
 
@@ -294,92 +286,26 @@ fn log_warning_once(msg: &str) {
     }
 }
 
-/// Absolute path of this extension's shared object (dladdr on our own code).
-pub fn extension_path() -> Option<String> {
-    // SAFETY: dladdr on the address of a function of this library.
-    unsafe {
-        let mut info: libc::Dl_info = std::mem::zeroed();
-        if libc::dladdr(extension_path as *const c_void, &mut info) == 0 || info.dli_fname.is_null()
-        {
-            return None;
-        }
-        let path = std::ffi::CStr::from_ptr(info.dli_fname)
-            .to_string_lossy()
-            .into_owned();
-        std::fs::canonicalize(&path)
-            .ok()
-            .map(|p| p.to_string_lossy().into_owned())
-            .or(Some(path))
-    }
-}
-
-/// The PHP CLI binary for the hub: php.ini's `upload_progress.php_binary`,
-/// else `php<major>.<minor>` or `php` in PHP_BINDIR, else common places.
-fn php_binary(cfg: &Config) -> Option<String> {
-    if !cfg.php_binary.is_empty() {
-        return Some(cfg.php_binary.clone());
-    }
+/// The hub's command: the PHP CLI (found from the engine's PHP_BINDIR and version) with
+/// this extension, watching the FPM master (it outlives workers and keeps its pid across
+/// reloads) or, elsewhere, this process.
+fn spawn_spec(cfg: &Config) -> Option<SpawnSpec> {
     let consts =
         crate::php::constants::read(&["PHP_BINDIR", "PHP_MAJOR_VERSION", "PHP_MINOR_VERSION"]);
-    let bindir = consts
-        .first()
-        .cloned()
-        .flatten()
-        .unwrap_or_else(|| "/usr/bin".into());
-    let ver = match (
-        consts.get(1).cloned().flatten(),
-        consts.get(2).cloned().flatten(),
-    ) {
+    let get = |i: usize| consts.get(i).cloned().flatten();
+    let version = match (get(1), get(2)) {
         (Some(a), Some(b)) => format!("{a}.{b}"),
         _ => String::new(),
     };
-    let candidates = [
-        format!("{bindir}/php{ver}"),
-        format!("{bindir}/php"),
-        format!("/usr/bin/php{ver}"),
-        "/usr/local/bin/php".into(),
-        "/usr/bin/php".into(),
-    ];
-    candidates
-        .into_iter()
-        .find(|c| std::fs::metadata(c).is_ok_and(|m| m.is_file()))
-}
-
-fn spawn_spec(cfg: &Config) -> Option<SpawnSpec> {
-    let program = php_binary(cfg)?;
-    let ext = extension_path()?;
-    // Only what is not a setting: the settings themselves go on a descriptor
-    // (see `spawn`), since argv is public and INI re-parsing changes values.
-    let args = vec![
-        "-n".to_owned(),
-        "-d".into(),
-        format!("extension={ext}"),
-        "-r".into(),
-        "UploadProgress\\Hub::run();".into(),
-    ];
-    let config = serde_json::to_vec(cfg).ok()?;
-    // The FPM master outlives workers and keeps its pid across reloads.
+    let program = spawn::find_php_binary(&cfg.php_binary, get(0).as_deref(), &version)?;
+    let ext = spawn::extension_path()?;
     // SAFETY: getppid/getpid never fail.
     let watch = if sapi_kind() == SapiKind::Fpm {
         unsafe { libc::getppid() }
     } else {
         unsafe { libc::getpid() }
     };
-    let env = vec![
-        (
-            "PATH".to_owned(),
-            std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
-        ),
-        (ENV_WATCH_PID.to_owned(), watch.to_string()),
-    ];
-    Some(SpawnSpec {
-        program,
-        args,
-        env,
-        log_path: cfg.hub_file("log").to_string_lossy().into_owned(),
-        socket_name: cfg.hub_socket.clone(),
-        config: Some(config),
-    })
+    spawn::hub_spec(cfg, program, &ext, watch)
 }
 
 /// The progress id of the current request, from the query string or header.
@@ -557,6 +483,8 @@ pub fn request_startup() {
     }
     with_client(|client, no_hub| {
         client.check_alive();
+        // What the last request left queued goes first.
+        client.flush(std::time::Duration::ZERO);
         if !client.is_connected() && client.connect(false) == Err(ConnectError::NoHub) {
             no_hub();
             let _ = client.connect(true);
@@ -574,6 +502,7 @@ fn end_of_request_body() {
             send(&m.tagged_request());
         }
     }
+    flush_pending();
 }
 
 /// Runs `f` while the body is read by Upload::writeChunk, so the generic body

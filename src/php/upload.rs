@@ -4,15 +4,16 @@
 #![allow(non_snake_case)]
 
 use crate::php::convert::{key_string, object_to_hashtable};
-use crate::php::errors::{storage_error, value_error};
+use crate::php::errors::value_error;
 use crate::php::{ini, recorder, sapi};
-use crate::protocol::ingest::{IngestMessage, ProgressReport, StreamOutcome};
-use crate::recorder::Throttle;
+use crate::protocol::ingest::IngestMessage;
+use crate::recorder::ChunkStream;
 use crate::redis_url::{key_prefix, parse_redis_url};
 use crate::storage::{
     RedisStateOptions, StorageError, Store, StoreOptions, UploadState, UploadStatus,
 };
 use ext_php_rs::boxed::ZBox;
+use ext_php_rs::exception::PhpException;
 use ext_php_rs::flags::ClassFlags;
 use ext_php_rs::prelude::*;
 use ext_php_rs::types::{ZendCallable, ZendHashTable, Zval};
@@ -34,7 +35,7 @@ const REDIS_TIMEOUT: Duration = Duration::from_secs(1);
 /// across requests (opened on first use, so the FPM master never holds one).
 fn store() -> PhpResult<&'static Store> {
     STORE
-        .get_or_try_init(|| {
+        .get_or_try_init(|| -> Result<Store, StorageError> {
             let cfg = ini::config();
             let store = Store::new(StoreOptions {
                 root: cfg.storage_dir.clone(),
@@ -53,7 +54,7 @@ fn store() -> PhpResult<&'static Store> {
                 timeout: REDIS_TIMEOUT,
             }))
         })
-        .map_err(storage_error)
+        .map_err(PhpException::from)
 }
 
 fn status_array(status: &UploadStatus) -> PhpResult<ZBox<ZendHashTable>> {
@@ -215,28 +216,6 @@ impl Upload {
             aborted: Cell::new(false),
         }
     }
-
-    fn report(&self, stream: u64, stored: &UploadStatus, inflight: u64) -> IngestMessage {
-        IngestMessage::Progress(ProgressReport {
-            upload_id: self.id.clone(),
-            stream,
-            bytes_total: self.total_bytes,
-            chunk_count: u32::try_from(self.chunk_count).unwrap_or(u32::MAX),
-            stored_bytes: stored.bytes_done,
-            chunks_done: u32::try_from(stored.chunks_done).unwrap_or(u32::MAX),
-            inflight,
-        })
-    }
-
-    fn stream_end(&self, stream: u64, outcome: StreamOutcome, s: &UploadStatus) -> IngestMessage {
-        IngestMessage::StreamEnd {
-            upload_id: self.id.clone(),
-            stream,
-            outcome,
-            stored_bytes: s.bytes_done,
-            chunks_done: u32::try_from(s.chunks_done).unwrap_or(u32::MAX),
-        }
-    }
 }
 
 /// The `$options` of Upload::create.
@@ -313,15 +292,13 @@ impl Upload {
         };
         let store = store()?;
         sweep(store);
-        let status = store
-            .create(total_bytes as u64, chunk_size, metadata, sha256)
-            .map_err(storage_error)?;
+        let status = store.create(total_bytes as u64, chunk_size, metadata, sha256)?;
         Ok(Upload::from_status(&status))
     }
 
     /// Opens an existing upload; NotFoundException when unknown or expired.
     pub fn open(id: &str) -> PhpResult<Upload> {
-        let status = store()?.open(id).map_err(storage_error)?;
+        let status = store()?.open(id)?;
         Ok(Upload::from_status(&status))
     }
 
@@ -355,35 +332,38 @@ impl Upload {
     ) -> PhpResult<ZBox<ZendHashTable>> {
         let store = store()?;
         if index < 0 || index as u64 >= self.chunk_count {
-            return Err(storage_error(StorageError::InvalidChunk(format!(
+            return Err(PhpException::from(StorageError::InvalidChunk(format!(
                 "chunk index {index} is out of range 0..{} for upload {}",
                 self.chunk_count, self.id
             ))));
         }
         if self.aborted.get() {
-            return Err(storage_error(StorageError::Conflict(format!(
+            return Err(PhpException::from(StorageError::Conflict(format!(
                 "upload {} was aborted: chunk {index} was not accepted",
                 self.id
             ))));
         }
-        let before = store.status(&self.id).map_err(storage_error)?;
-        let stream = recorder::next_stream_id();
-        let min_interval = ini::config().min_interval_ms;
-        let mut throttle = Throttle::new(min_interval);
+        let before = store.status(&self.id)?;
+        let mut reports = ChunkStream::new(
+            &self.id,
+            recorder::next_stream_id(),
+            self.total_bytes,
+            self.chunk_count,
+            before.bytes_done,
+            before.chunks_done,
+            ini::config().min_interval_ms,
+        );
+        let failed = reports.failed();
         let mut on_progress = |inflight: u64| {
-            if throttle.due(Instant::now()) {
-                recorder::send(&self.report(stream, &before, inflight));
+            if let Some(m) = reports.progress(inflight, Instant::now()) {
+                recorder::send(&m);
             }
         };
         // Opened (and checked against open_basedir) before anything else happens.
-        let source = sourceFile
-            .as_deref()
-            .map(open_source_file)
-            .transpose()
-            .map_err(storage_error)?;
+        let source = sourceFile.as_deref().map(open_source_file).transpose()?;
         let mut guard = BailoutGuard::new(AbandonedChunk {
             armed: true,
-            end: Some(self.stream_end(stream, StreamOutcome::Failed, &before)),
+            end: Some(failed.clone()),
         });
         let result = match source {
             Some((mut file, len)) => store.write_chunk_sized(
@@ -433,19 +413,20 @@ impl Upload {
         drop(guard);
         match result {
             Ok(outcome) => {
-                recorder::send(&self.stream_end(stream, StreamOutcome::Stored, &outcome.status));
-                status_array(&outcome.status)
+                let s = &outcome.status;
+                recorder::send(&reports.stored(s.bytes_done, s.chunks_done));
+                status_array(s)
             }
             Err(e) => {
-                recorder::send(&self.stream_end(stream, StreamOutcome::Failed, &before));
-                Err(storage_error(e))
+                recorder::send(&failed);
+                Err(e.into())
             }
         }
     }
 
     /// Everything known about the upload (see the contract for the keys).
     pub fn status(&self) -> PhpResult<ZBox<ZendHashTable>> {
-        let status = store()?.status(&self.id).map_err(storage_error)?;
+        let status = store()?.status(&self.id)?;
         status_array(&status)
     }
 
@@ -454,7 +435,7 @@ impl Upload {
     pub fn complete(&self) -> PhpResult<String> {
         let store = store()?;
         let was_complete = store.status(&self.id).is_ok_and(|s| s.path.is_some());
-        let status = store.complete(&self.id).map_err(storage_error)?;
+        let status = store.complete(&self.id)?;
         let path = status.path.clone().unwrap_or_default();
         if !was_complete {
             // No server path: events go to browsers (CONTRACT.md).
@@ -475,7 +456,7 @@ impl Upload {
 
     /// Removes the upload and tells its subscribers.
     pub fn abort(&self) -> PhpResult<()> {
-        store()?.abort(&self.id).map_err(storage_error)?;
+        store()?.abort(&self.id)?;
         self.aborted.set(true);
         recorder::send(&IngestMessage::Terminal {
             upload_id: self.id.clone(),

@@ -206,6 +206,82 @@ impl Throttle {
     }
 }
 
+/// The reports of one chunk being written into an upload: throttled progress while the
+/// bytes stream in, then exactly one `StreamEnd`. Pure: the caller sends what it returns.
+#[derive(Debug)]
+pub struct ChunkStream {
+    upload_id: String,
+    stream: u64,
+    bytes_total: u64,
+    chunk_count: u32,
+    /// What the upload had stored before this chunk.
+    stored_bytes: u64,
+    chunks_done: u32,
+    throttle: Throttle,
+}
+
+fn clamp_u32(n: u64) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+impl ChunkStream {
+    /// `stored_bytes`/`chunks_done`: the upload's state before this chunk.
+    pub fn new(
+        upload_id: &str,
+        stream: u64,
+        bytes_total: u64,
+        chunk_count: u64,
+        stored_bytes: u64,
+        chunks_done: u64,
+        min_interval_ms: u64,
+    ) -> Self {
+        ChunkStream {
+            upload_id: upload_id.to_owned(),
+            stream,
+            bytes_total,
+            chunk_count: clamp_u32(chunk_count),
+            stored_bytes,
+            chunks_done: clamp_u32(chunks_done),
+            throttle: Throttle::new(min_interval_ms),
+        }
+    }
+
+    /// `inflight` bytes of the chunk arrived so far: a report when one is due.
+    pub fn progress(&mut self, inflight: u64, now: Instant) -> Option<IngestMessage> {
+        self.throttle.due(now).then(|| {
+            IngestMessage::Progress(ProgressReport {
+                upload_id: self.upload_id.clone(),
+                stream: self.stream,
+                bytes_total: self.bytes_total,
+                chunk_count: self.chunk_count,
+                stored_bytes: self.stored_bytes,
+                chunks_done: self.chunks_done,
+                inflight,
+            })
+        })
+    }
+
+    /// The chunk was stored: the upload now has `stored_bytes` in `chunks_done` chunks.
+    pub fn stored(&self, stored_bytes: u64, chunks_done: u64) -> IngestMessage {
+        self.end(StreamOutcome::Stored, stored_bytes, clamp_u32(chunks_done))
+    }
+
+    /// The chunk was not stored: the upload is as it was before.
+    pub fn failed(&self) -> IngestMessage {
+        self.end(StreamOutcome::Failed, self.stored_bytes, self.chunks_done)
+    }
+
+    fn end(&self, outcome: StreamOutcome, stored_bytes: u64, chunks_done: u32) -> IngestMessage {
+        IngestMessage::StreamEnd {
+            upload_id: self.upload_id.clone(),
+            stream: self.stream,
+            outcome,
+            stored_bytes,
+            chunks_done,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -258,6 +334,44 @@ mod tests {
             matches!(end.last(), Some(IngestMessage::Terminal { event, fields, .. })
             if event == "failed" && fields.contains("40 of 100"))
         );
+    }
+
+    #[test]
+    fn chunk_stream_throttles_progress_and_ends_once_per_outcome() {
+        let t0 = Instant::now();
+        let mut c = ChunkStream::new("u", 7, 1000, 4, 250, 1, 100);
+        assert!(
+            c.progress(10, t0).is_some(),
+            "the first report goes at once"
+        );
+        assert!(c.progress(20, t0 + Duration::from_millis(50)).is_none());
+        match c.progress(30, t0 + Duration::from_millis(150)) {
+            Some(IngestMessage::Progress(p)) => {
+                assert_eq!(
+                    (p.stream, p.stored_bytes, p.chunks_done, p.inflight),
+                    (7, 250, 1, 30)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            c.stored(500, 2),
+            IngestMessage::StreamEnd {
+                outcome: StreamOutcome::Stored,
+                stored_bytes: 500,
+                chunks_done: 2,
+                ..
+            }
+        ));
+        assert!(matches!(
+            c.failed(),
+            IngestMessage::StreamEnd {
+                outcome: StreamOutcome::Failed,
+                stored_bytes: 250,
+                chunks_done: 1,
+                ..
+            }
+        ));
     }
 
     #[test]

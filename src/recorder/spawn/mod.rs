@@ -12,16 +12,25 @@
 //! (`SpawnState`, shared by every worker of the host under flock) says when
 //! the next spawn may start and why the last hub exited.
 
+mod files;
+mod plan;
+mod state;
+
+pub use files::{open_hub_file, write_pid_file, PidFile};
+pub use plan::{extension_path, find_php_binary, hub_spec, start_hub, SpawnLog};
+pub use state::{
+    backoff, now_ms, read_state, with_state, HubRun, SpawnState, BACKOFF_CAP, RAN_OK_AFTER,
+};
+
 use crate::config::Config;
-use crate::recorder::client::{holder_uid, own_uid, sockaddr};
-use serde::{Deserialize, Serialize};
+use crate::recorder::client::{self, holder_uid, own_uid};
+use crate::storage::root::OpenHow;
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{self, Read, Seek, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 /// The descriptor number the hub finds its listening ingest socket on.
 pub const INGEST_FD: i32 = 3;
@@ -57,222 +66,18 @@ pub enum SpawnOutcome {
     NotAccepting,
 }
 
-/// Opens (creating with 0600) a file of the hub in the storage root without
-/// following a symlink planted at `path`, and refuses one that belongs to
-/// another uid, is not a regular file or has other links; the mode is made
-/// 0600 whatever the umask. Until the storage-root checks land, this is the
-/// minimal guard for the pid, log and spawn-state files.
-pub fn open_private_file(path: &Path, append: bool) -> io::Result<File> {
-    let c = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in path"))?;
-    let mut flags = libc::O_CREAT | libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NOCTTY;
-    flags |= if append {
-        libc::O_WRONLY | libc::O_APPEND
-    } else {
-        libc::O_RDWR
-    };
-    // SAFETY: open(2) with a NUL-terminated path.
-    let fd = unsafe { libc::open(c.as_ptr(), flags, 0o600 as libc::c_uint) };
-    if fd < 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::ELOOP) {
-            return Err(io::Error::other(format!(
-                "{} is a symbolic link: refused",
-                path.display()
-            )));
-        }
-        return Err(e);
-    }
-    // SAFETY: fresh descriptor we own.
-    let file = unsafe { File::from_raw_fd(fd) };
-    // SAFETY: stat is plain old data; fstat fills it.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: fstat on our descriptor.
-    if unsafe { libc::fstat(fd, &mut st) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if st.st_uid != own_uid() {
-        return Err(io::Error::other(format!(
-            "{} belongs to uid {}, not to this user (uid {}): refused",
-            path.display(),
-            st.st_uid,
-            own_uid()
-        )));
-    }
-    if st.st_mode & libc::S_IFMT != libc::S_IFREG || st.st_nlink != 1 {
-        return Err(io::Error::other(format!(
-            "{} is not a plain file with a single link: refused",
-            path.display()
-        )));
-    }
-    if st.st_mode & 0o7777 != 0o600 {
-        // SAFETY: fchmod on our descriptor.
-        if unsafe { libc::fchmod(fd, 0o600) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(file)
-}
-
-/// Replaces the contents of the pid file with this process's pid.
-pub fn write_pid_file(path: &Path) -> io::Result<()> {
-    let mut f = open_private_file(path, false)?;
-    f.set_len(0)?;
-    f.write_all(std::process::id().to_string().as_bytes())
-}
-
-/// Longest pause between two spawns of a failing hub.
-pub const BACKOFF_CAP: Duration = Duration::from_secs(300);
-/// A hub that served this long "ran successfully": the backoff starts over.
-/// Failures worth backing off from (port taken, no secret, foreign socket) end
-/// a hub within milliseconds; a hub killed later (OOM killer, an operator) must
-/// come back at once, or the events published meanwhile are lost.
-pub const RAN_OK_AFTER: Duration = Duration::from_secs(1);
-
-/// Per-host spawn bookkeeping, in `hub-<host>-<hash>.spawn` (0600).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct SpawnState {
-    /// Hubs spawned since one last ran successfully.
-    pub failures: u32,
-    /// Unix time (ms) before which no worker spawns again.
-    pub next_at_ms: u64,
-    /// Why the last hub exited, in its own words; "" when unknown.
-    pub reason: String,
-    /// Whether a worker already logged `reason`.
-    pub logged: bool,
-    /// The uid of another user's process found on the socket name, once logged.
-    pub foreign_uid: Option<u32>,
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// 1 s, 2 s, 4 s … capped at `BACKOFF_CAP`, after the n-th spawn in a row.
-pub fn backoff(spawns: u32) -> Duration {
-    let exp = spawns.saturating_sub(1).min(16);
-    Duration::from_secs(1u64 << exp).min(BACKOFF_CAP)
-}
-
-impl SpawnState {
-    /// Whether a spawn may start at `now`; when it may, it is counted (the
-    /// next one waits twice as long unless this hub runs successfully).
-    pub fn try_start(&mut self, now: u64) -> bool {
-        if now < self.next_at_ms {
-            return false;
-        }
-        self.failures = self.failures.saturating_add(1);
-        self.next_at_ms = now + backoff(self.failures).as_millis() as u64;
-        true
-    }
-
-    /// A spawn that did not happen after all (a hub was already starting).
-    pub fn undo_start(&mut self, now: u64) {
-        self.failures = self.failures.saturating_sub(1);
-        self.next_at_ms = if self.failures == 0 {
-            0
-        } else {
-            now + backoff(self.failures).as_millis() as u64
-        };
-    }
-
-    /// A hub ran successfully: the next one (if ever needed) starts at once.
-    pub fn ran_ok(&mut self) {
-        *self = SpawnState::default();
-    }
-
-    /// The hub exited with `reason`: remembered, to be logged once.
-    pub fn exited(&mut self, reason: &str) {
-        if self.reason != reason {
-            self.reason = reason.to_owned();
-            self.logged = false;
-        }
-    }
-
-    /// Seconds until the next spawn may start (0: now).
-    pub fn next_spawn_in_s(&self, now: u64) -> u64 {
-        self.next_at_ms.saturating_sub(now).div_ceil(1000)
-    }
-}
-
-/// Runs `f` on the host's spawn state under an exclusive lock (flock), and
-/// writes the state back when `f` changed it.
-pub fn with_state<R>(path: &Path, f: impl FnOnce(&mut SpawnState) -> R) -> io::Result<R> {
-    let mut file = open_private_file(path, false)?;
-    // SAFETY: flock on our descriptor; held for microseconds by any worker.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let mut text = String::new();
-    file.read_to_string(&mut text)?;
-    let before: SpawnState = serde_json::from_str(&text).unwrap_or_default();
-    let mut state = before.clone();
-    let out = f(&mut state);
-    if state != before {
-        let json = serde_json::to_vec(&state).map_err(io::Error::other)?;
-        file.set_len(0)?;
-        file.rewind()?;
-        file.write_all(&json)?;
-    }
-    // The lock goes with the descriptor.
-    Ok(out)
-}
-
-/// Reads the state without taking the lock for long (status pages).
-pub fn read_state(path: &Path) -> Option<SpawnState> {
-    if std::fs::symlink_metadata(path).is_err() {
-        return None;
-    }
-    with_state(path, |s| s.clone()).ok()
-}
-
 /// Binds and listens on the ingest socket name.
 pub fn bind_listener(name: &str) -> io::Result<OwnedFd> {
-    let (addr, len) = sockaddr(name)?;
-    // SAFETY: plain socket(2).
-    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fresh descriptor.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     if !name.starts_with('@') {
         // A path socket left by a dead hub blocks bind; it is stale only if
         // nobody accepts on it.
-        if let Ok((a, l)) = sockaddr(name) {
-            // SAFETY: probe connect on a throwaway socket.
-            unsafe {
-                let probe = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-                if probe >= 0 {
-                    let rc = libc::connect(probe, (&a as *const libc::sockaddr_un).cast(), l);
-                    let err = io::Error::last_os_error().raw_os_error();
-                    libc::close(probe);
-                    if rc != 0 && err == Some(libc::ECONNREFUSED) {
-                        let _ = std::fs::remove_file(name);
-                    }
-                }
-            }
+        if std::os::unix::net::UnixStream::connect(name)
+            .is_err_and(|e| e.raw_os_error() == Some(libc::ECONNREFUSED))
+        {
+            let _ = std::fs::remove_file(name);
         }
     }
-    // SAFETY: addr is a valid sockaddr_un of len bytes.
-    let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&addr as *const libc::sockaddr_un).cast(),
-            len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: listen on our bound socket.
-    if unsafe { libc::listen(fd.as_raw_fd(), 1024) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(fd)
+    client::listen(name).map(OwnedFd::from)
 }
 
 fn cstring(s: &str) -> io::Result<CString> {
@@ -334,7 +139,7 @@ pub fn spawn(spec: &SpawnSpec) -> io::Result<SpawnOutcome> {
     // Opened here, not in the child: no symlink is followed, another user's
     // file is refused, and the mode is 0600 whatever the umask. Without a
     // usable log the hub still starts, writing to /dev/null.
-    let log_file = open_private_file(Path::new(&spec.log_path), true);
+    let log_file = open_hub_file(Path::new(&spec.log_path), OpenHow::Append);
     let log_error = log_file.as_ref().err().map(ToString::to_string);
     let log = match log_file {
         Ok(f) => Some(high_fd(OwnedFd::from(f))?),
@@ -425,25 +230,45 @@ pub fn spawn(spec: &SpawnSpec) -> io::Result<SpawnOutcome> {
     })
 }
 
+/// Why the settings handed over on `CONFIG_FD` cannot be used.
+#[derive(Debug)]
+pub enum InheritedConfigError {
+    NotOpen(i32),
+    Read(i32, io::Error),
+    Malformed(i32, serde_json::Error),
+}
+
+impl std::fmt::Display for InheritedConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NotOpen(fd) => write!(f, "descriptor {fd} of the settings is not open"),
+            Self::Read(fd, e) => write!(f, "cannot read the settings on descriptor {fd}: {e}"),
+            Self::Malformed(fd, e) => write!(f, "malformed settings on descriptor {fd}: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for InheritedConfigError {}
+
 /// The settings handed over by a spawner on `CONFIG_FD`: `None` when this
 /// process was not spawned with any, `Some(Err)` when they cannot be read
 /// (the hub must not run with other settings than the workers).
-pub fn inherited_config() -> Option<Result<Config, String>> {
+pub fn inherited_config() -> Option<Result<Config, InheritedConfigError>> {
     let fd: i32 = std::env::var(ENV_CONFIG_FD).ok()?.parse().ok()?;
     std::env::remove_var(ENV_CONFIG_FD);
     // SAFETY: fcntl(F_GETFD) only checks that the number is open.
     if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-        return Some(Err(format!("descriptor {fd} of the settings is not open")));
+        return Some(Err(InheritedConfigError::NotOpen(fd)));
     }
     // SAFETY: the descriptor was handed to this process to own; closed on drop.
     let mut file = unsafe { File::from_raw_fd(fd) };
     let mut text = Vec::new();
     Some(
         file.read_to_end(&mut text)
-            .map_err(|e| format!("cannot read the settings on descriptor {fd}: {e}"))
+            .map_err(|e| InheritedConfigError::Read(fd, e))
             .and_then(|_| {
                 serde_json::from_slice::<Config>(&text)
-                    .map_err(|e| format!("malformed settings on descriptor {fd}: {e}"))
+                    .map_err(|e| InheritedConfigError::Malformed(fd, e))
             }),
     )
 }
@@ -472,6 +297,18 @@ pub fn inherited_listener() -> Option<OwnedFd> {
     // SAFETY: mark it close-on-exec again.
     unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
     Some(owned)
+}
+
+/// A temporary storage root for tests: the hub's files live in one (0700, or refused).
+#[cfg(test)]
+pub(crate) fn private_tempdir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    dir
 }
 
 #[cfg(test)]
@@ -505,7 +342,7 @@ mod tests {
 
     #[test]
     fn spawned_child_gets_socket_and_settings_on_fds_3_4_and_nothing_else() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::recorder::spawn::private_tempdir();
         let log = dir.path().join("log");
         let name = format!("@upload-progress-spawn-exec-{}", std::process::id());
         let spec = SpawnSpec {
@@ -544,12 +381,12 @@ mod tests {
 
     #[test]
     fn the_log_is_never_a_planted_symlink_nor_a_foreign_file() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::recorder::spawn::private_tempdir();
         let target = dir.path().join("victim");
         std::fs::write(&target, "keep").unwrap();
         let link = dir.path().join("hub.log");
         std::os::unix::fs::symlink(&target, &link).unwrap();
-        let e = open_private_file(&link, true).unwrap_err();
+        let e = open_hub_file(&link, OpenHow::Append).unwrap_err();
         assert!(e.to_string().contains("symbolic link"), "{e}");
         let name = format!("@upload-progress-spawn-link-{}", std::process::id());
         let spec = SpawnSpec {
@@ -590,21 +427,26 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_foreign_holder_is_an_error_not_a_running_hub() {
-        let name = format!("@upload-progress-spawn-squat-{}", std::process::id());
-        let Some((pid, _report)) = crate::recorder::client::tests::foreign_listener(&name) else {
-            return;
-        };
-        let dir = tempfile::tempdir().unwrap();
-        let spec = SpawnSpec {
+    /// `/bin/true` as the hub, logging into `dir`.
+    fn true_spec(dir: &tempfile::TempDir, name: String) -> SpawnSpec {
+        SpawnSpec {
             program: "/bin/true".into(),
             args: vec![],
             env: vec![],
             log_path: dir.path().join("log").to_string_lossy().into_owned(),
             socket_name: name,
             config: None,
+        }
+    }
+
+    #[test]
+    fn a_foreign_holder_is_an_error_not_a_running_hub() {
+        let name = format!("@upload-progress-spawn-squat-{}", std::process::id());
+        let Some((pid, _report)) = crate::recorder::client::tests::foreign_listener(&name) else {
+            return;
         };
+        let dir = crate::recorder::spawn::private_tempdir();
+        let spec = true_spec(&dir, name);
         let outcome = spawn(&spec).unwrap();
         // SAFETY: ending and reaping our own child.
         unsafe {
@@ -617,67 +459,13 @@ mod tests {
     #[test]
     fn a_bound_name_nobody_accepts_on_is_an_error() {
         let name = format!("@upload-progress-spawn-bound-{}", std::process::id());
-        let (addr, len) = sockaddr(&name).unwrap();
-        // SAFETY: a bound socket that never listens, closed at the end.
-        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
-        assert_eq!(
-            unsafe { libc::bind(fd, (&addr as *const libc::sockaddr_un).cast(), len) },
-            0
-        );
-        let dir = tempfile::tempdir().unwrap();
-        let spec = SpawnSpec {
-            program: "/bin/true".into(),
-            args: vec![],
-            env: vec![],
-            log_path: dir.path().join("log").to_string_lossy().into_owned(),
-            socket_name: name,
-            config: None,
-        };
+        // A bound socket that never listens, closed at the end.
+        let fd = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).unwrap();
+        fd.bind(&client::sock_addr(&name).unwrap()).unwrap();
+        let dir = crate::recorder::spawn::private_tempdir();
+        let spec = true_spec(&dir, name);
         let outcome = spawn(&spec).unwrap();
-        unsafe { libc::close(fd) };
+        drop(fd);
         assert_eq!(outcome, SpawnOutcome::NotAccepting);
-    }
-
-    #[test]
-    fn respawns_back_off_exponentially_and_reset_after_a_good_run() {
-        let mut s = SpawnState::default();
-        let t0 = 1_000_000;
-        assert!(s.try_start(t0), "the first spawn is immediate");
-        assert!(!s.try_start(t0 + 999));
-        assert!(s.try_start(t0 + 1000));
-        assert_eq!(s.next_spawn_in_s(t0 + 1000), 2);
-        let mut t = t0 + 1000;
-        let mut waits = Vec::new();
-        for _ in 0..12 {
-            let wait = s.next_at_ms - t;
-            waits.push(wait / 1000);
-            t += wait;
-            assert!(s.try_start(t));
-        }
-        assert_eq!(&waits[..6], &[2, 4, 8, 16, 32, 64]);
-        assert_eq!(*waits.last().unwrap(), 300, "capped at 5 min: {waits:?}");
-        s.exited("cannot listen: Address in use");
-        assert!(!s.logged);
-        s.logged = true;
-        s.exited("cannot listen: Address in use");
-        assert!(s.logged, "the same reason is logged once");
-        s.ran_ok();
-        assert_eq!(s, SpawnState::default());
-        assert!(s.try_start(t + 1));
-    }
-
-    #[test]
-    fn the_state_is_shared_through_the_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("hub.spawn");
-        assert!(with_state(&path, |s| s.try_start(10_000)).unwrap());
-        // Another worker (another open of the same file) sees the backoff.
-        assert!(!with_state(&path, |s| s.try_start(10_500)).unwrap());
-        assert_eq!(read_state(&path).unwrap().failures, 1);
-        use std::os::unix::fs::PermissionsExt;
-        assert_eq!(
-            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
     }
 }
