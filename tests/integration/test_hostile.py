@@ -548,7 +548,8 @@ def storage_digest(root):
         rel = os.path.relpath(dirpath, root)
         h.update(b"D" + rel.encode() + b"\0")
         for n in sorted(filenames):
-            if n in SKIP_NAMES or n.startswith(".app-secret."):
+            # The hub's own files (log, pid, spawn state) are not stored uploads.
+            if n in SKIP_NAMES or n.startswith(".app-secret.") or (rel == "." and n.startswith("hub-")):
                 continue
             p = Path(dirpath) / n
             h.update(b"F" + n.encode() + b"\0")
