@@ -186,12 +186,13 @@ def test_chunked_upload_through_the_documented_site(installed, tmp_path):
             assert status == 200, body
         status, done = site.api("POST", f"/api/uploads/{uid}/complete")
         assert status == 200, done
-        assert hashlib.sha256(Path(done["path"]).read_bytes()).hexdigest() == digest
-        assert done["path"].startswith(STORAGE + "/")
+        assert "path" not in done, "no server path in JSON sent to browsers"
+        stored = Path(STORAGE) / uid / "data"
+        assert hashlib.sha256(stored.read_bytes()).hexdigest() == digest
         msgs = c.events(lambda m: m.get("event") == "complete", timeout=20)
         progress = [data_of(m) for m in msgs if m.get("event") == "progress"]
         assert progress and progress[-1]["bytes_done"] <= len(data)
-        assert data_of(msgs[-1])["path"] == done["path"]
+        assert data_of(msgs[-1])["state"] == "complete" and "path" not in data_of(msgs[-1])
         c.close()
     finally:
         site.stop()
