@@ -129,14 +129,8 @@ impl TestHub {
     }
 
     async fn http(&self, req: String) -> (u16, String) {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port)).await.unwrap();
-        s.write_all(req.as_bytes()).await.unwrap();
-        let mut out = Vec::new();
-        tokio::time::timeout(T, s.read_to_end(&mut out))
-            .await
-            .unwrap()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out).to_string();
+        let s = TcpStream::connect(("127.0.0.1", self.port)).await.unwrap();
+        let text = exchange(s, req.as_bytes()).await;
         let status = text[9..12].parse().unwrap();
         let body = text.split_once("\r\n\r\n").unwrap().1.to_string();
         (status, body)
@@ -151,19 +145,11 @@ impl TestHub {
     async fn metric_from_other(&self, name: &str) -> u64 {
         let sock = tokio::net::TcpSocket::new_v4().unwrap();
         sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
-        let mut s = sock
+        let s = sock
             .connect(format!("127.0.0.1:{}", self.port).parse().unwrap())
             .await
             .unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let mut out = Vec::new();
-        tokio::time::timeout(T, s.read_to_end(&mut out))
-            .await
-            .unwrap()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out).to_string();
+        let text = exchange(s, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
         text.lines()
             .find_map(|l| l.strip_prefix(&format!("upload_progress_{name} ")))
             .unwrap()
@@ -311,3 +297,14 @@ mod limits;
 mod redis_bridge;
 mod uploads;
 mod websocket;
+
+/// Sends one raw HTTP request and reads the whole answer (the hub closes after it).
+async fn exchange(mut s: TcpStream, req: &[u8]) -> String {
+    s.write_all(req).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(T, s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    String::from_utf8_lossy(&out).to_string()
+}
